@@ -1,0 +1,3 @@
+"""ldmkit: a toolkit for latent diffusion models."""
+
+__version__ = "0.1.0"
