@@ -1,0 +1,220 @@
+"""The ``ldmkit`` command line.
+
+Each sub-command is a thin layer over the Python API; ``ldmkit COMMAND --help`` explains it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "train": """examples:
+  ldmkit train autoencoder configs/autoencoder/kl_f4_shapes.yaml
+  ldmkit train autoencoder configs/autoencoder/kl_f4_shapes.yaml train.steps=500 run_dir=runs/quick
+  ldmkit train autoencoder configs/autoencoder/kl_f4_folder.yaml data.path=~/my_images
+
+Any config key can be overridden as section.key=value (values are YAML). Running the same
+command again resumes from the run's latest checkpoint; Ctrl-C stops after the current step
+and saves a checkpoint.""",
+    "eval": """examples:
+  ldmkit eval autoencoder runs/kl_f4_shapes
+  ldmkit eval autoencoder runs/kl_f4_shapes --n 1024 data.path=~/other_images
+
+Writes RUN/eval.json and prints the metrics (PSNR in dB, SSIM) on the run's held-out split.""",
+    "reconstruct": """examples:
+  ldmkit reconstruct runs/kl_f4_shapes photo.png --out recon/
+  ldmkit reconstruct runs/kl_f4_shapes my_folder/ --out recon/ --size 0
+
+Writes one reconstruction per image, comparison.png (originals above reconstructions) and
+psnr.json into --out.""",
+    "dataset": """examples:
+  ldmkit dataset preview shapes --out shapes.png
+  ldmkit dataset preview shapes --out shapes64.png --image-size 64 --n 16
+  ldmkit dataset preview folder ~/my_images --out mine.png
+  ldmkit dataset preview fashion_mnist --out fmnist.png""",
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="ldmkit: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="ldmkit", description="Latent diffusion toolkit: train, evaluate and use models."
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model from a YAML recipe",
+        epilog=EXAMPLES["train"],
+        formatter_class=fmt,
+    )
+    t.add_argument("what", choices=["autoencoder"], help="which stage to train")
+    t.add_argument("config", help="YAML recipe (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    t.add_argument("--restart", action="store_true", help="ignore existing checkpoints in run_dir")
+    t.add_argument("--stop-at", type=int, default=None, help="pause after this step (resume later)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser(
+        "eval", help="evaluate a trained run", epilog=EXAMPLES["eval"], formatter_class=fmt
+    )
+    e.add_argument("what", choices=["autoencoder"])
+    e.add_argument("run", help="run folder (or a checkpoint folder inside it)")
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override the run's data section, e.g. data.path=...",
+    )
+    e.add_argument(
+        "--n", type=int, default=None, help="held-out images to use (default: data.val_size)"
+    )
+    e.add_argument("--batch-size", type=int, default=64)
+
+    r = sub.add_parser(
+        "reconstruct",
+        help="encode and decode images with an autoencoder",
+        epilog=EXAMPLES["reconstruct"],
+        formatter_class=fmt,
+    )
+    r.add_argument("run", help="autoencoder run folder")
+    r.add_argument("input", help="an image file or a folder of images")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize/crop to SIZE (default: the run's image size; 0 keeps the native size, cropped to a multiple of f)",
+    )
+
+    d = sub.add_parser(
+        "dataset", help="look at datasets", epilog=EXAMPLES["dataset"], formatter_class=fmt
+    )
+    dsub = d.add_subparsers(dest="action", required=True)
+    pv = dsub.add_parser(
+        "preview",
+        help="write a grid of dataset images",
+        epilog=EXAMPLES["dataset"],
+        formatter_class=fmt,
+    )
+    pv.add_argument("name", choices=["shapes", "folder", "fashion_mnist", "mnist"])
+    pv.add_argument("path", nargs="?", default=None, help="image folder (for 'folder')")
+    pv.add_argument("--out", required=True, help="PNG file to write")
+    pv.add_argument("--n", type=int, default=64, help="number of images")
+    pv.add_argument("--image-size", type=int, default=32)
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--captions", action="store_true", help="also print the captions / labels")
+
+    dm = sub.add_parser("demo", help="run the demo (what `make demo` runs)")
+    dm.add_argument("--out", default="runs/demo", help="output folder")
+    dm.add_argument("--config", default="configs/demo/autoencoder.yaml")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ldmkit.autoencoders.train import train_autoencoder
+
+    metrics = train_autoencoder(
+        args.config,
+        args.overrides,
+        resume=not args.restart,
+        stop_at=args.stop_at,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ldmkit.autoencoders.train import evaluate_autoencoder
+
+    metrics = evaluate_autoencoder(args.run, args.overrides, n=args.n, batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from ldmkit.autoencoders.train import reconstruct_files
+
+    results = reconstruct_files(args.run, args.input, args.out, size=args.size)
+    for name, value in results.items():
+        print(f"{name}\t{value:.2f} dB")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldmkit.config import from_dict
+    from ldmkit.data.build import DataConfig, build_dataset
+    from ldmkit.data.transforms import make_grid
+
+    channels = 1 if args.name in ("fashion_mnist", "mnist") else 3
+    cfg = from_dict(
+        DataConfig,
+        {
+            "name": args.name,
+            "path": args.path,
+            "image_size": args.image_size,
+            "channels": channels,
+            "seed": args.seed,
+        },
+    )
+    data = build_dataset(cfg, "train")
+    n = min(args.n, len(data))
+    items = [data[i] for i in range(n)]
+    images = torch.stack([it["image"] for it in items])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, nrow=max(1, int(n**0.5))).save(out)
+    if args.captions:
+        for i, it in enumerate(items):
+            print(f"{i}\t{it.get('text', '')}")
+    print(f"wrote {out} ({n} images of {len(data)})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ldmkit.demo import run_demo
+
+    print(json.dumps(run_demo(args.out, args.config), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from ldmkit.config import ConfigError
+    from ldmkit.training.loop import TrainingDiverged
+
+    handlers = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "reconstruct": cmd_reconstruct,
+        "dataset": cmd_dataset,
+        "demo": cmd_demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, FileNotFoundError, ValueError, TrainingDiverged) as err:
+        if args.verbose:
+            raise
+        print(f"ldmkit: error: {err}", file=sys.stderr)
+        return 3 if isinstance(err, TrainingDiverged) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
