@@ -45,6 +45,7 @@ def train_autoencoder(
     # Build the data first: a bad folder fails here, before anything is written.
     train_data = build_dataset(recipe.data, "train")
     val_data = build_dataset(recipe.data, "val")
+    torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed only
     task = AutoencoderTask(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(recipe, run_dir / "config.yaml")
