@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     from ldmkit.config import ConfigError
+    from ldmkit.training.checkpoint import CheckpointError
     from ldmkit.training.loop import TrainingDiverged
 
     handlers = {
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (ConfigError, FileNotFoundError, ValueError, TrainingDiverged) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TrainingDiverged) as err:
         if args.verbose:
             raise
         print(f"ldmkit: error: {err}", file=sys.stderr)

