@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 numpy
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -95,6 +95,7 @@ def test_vq_recipe_trains_and_reports_codebook_usage(tmp_path, make_recipe):
     assert recipe.loss.kind == "vq"
     assert 0.0 <= metrics["codebook_dead_fraction"] <= 1.0
     assert metrics["codebook_perplexity"] >= 1.0
+    assert 0.0 < metrics["val_code_usage"] <= 1.0 and metrics["val_code_perplexity"] >= 1.0
 
 
 def test_bf16_and_accumulation_run(tmp_path, make_recipe):

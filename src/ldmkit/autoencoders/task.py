@@ -112,15 +112,29 @@ class AutoencoderTask(Task):
 
 @torch.no_grad()
 def reconstruction_metrics(model: AutoencoderBase, batches: Any) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM of deterministic reconstructions, images in [-1, 1]."""
+    """Mean PSNR (dB) and SSIM of deterministic reconstructions, images in [-1, 1].
+
+    For a VQ model also ``code_usage``: the fraction of codebook entries that quantize at
+    least one latent vector of these images, and ``code_perplexity`` of their histogram.
+    """
     p, s, n = 0.0, 0.0, 0
+    vq = getattr(model, "quantize", None)
+    counts = torch.zeros(vq.num_codes) if vq is not None else None
     for batch in batches:
         x = batch["image"]
         recon = model.reconstruct(x).clamp(-1, 1)
         p += psnr(recon, x).clamp(max=100.0).sum().item()
         s += ssim(recon, x).sum().item()
         n += len(x)
-    return {"psnr": p / n, "ssim": s / n, "n": float(n)}
+        if counts is not None:
+            indices = vq(model.encode(x, scaled=False))[2]["indices"]
+            counts += torch.bincount(indices.flatten(), minlength=vq.num_codes).float()
+    metrics = {"psnr": p / n, "ssim": s / n, "n": float(n)}
+    if counts is not None:
+        probs = counts / counts.sum()
+        metrics["code_usage"] = (counts > 0).float().mean().item()
+        metrics["code_perplexity"] = torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum()).item()
+    return metrics
 
 
 def load_autoencoder(path: str | Path) -> AutoencoderBase:

@@ -31,13 +31,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+# Finite stand-in for sigma = inf (abar = 0, flow t = 1), sigma ~ 4096 as diffusers uses.
+from ldmkit.diffusion.schedules import SIGMA_INF_CLAMP
+
 Cond = dict[str, Tensor]
 
 COND_KEYS = ("crossattn", "crossattn_mask", "vector", "class", "concat")
 
-# Finite stand-in for sigma = inf (abar = 0, flow t = 1): diffusers sets abar_T = 2**-24, so
-# sigma ~ 4096 (the same value as ``schedules.SIGMA_INF_CLAMP``).
-SIGMA_INF_CLAMP = math.sqrt((1 - 2.0**-24) / 2.0**-24)
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
