@@ -39,7 +39,6 @@ Cond = dict[str, Tensor]
 COND_KEYS = ("crossattn", "crossattn_mask", "vector", "class", "concat")
 
 
-
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """Reshape a per-sample tensor [B] to [B, 1, ..., 1] with ``ndim`` dims in total."""
     return v.reshape(v.shape[0], *([1] * (ndim - v.ndim)))
