@@ -5,6 +5,7 @@ import pytest
 
 from ldmkit.autoencoders.task import AutoencoderRecipe
 from ldmkit.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from ldmkit.diffusion.task import DiffusionRecipe
 from ldmkit.training.config import TrainConfig
 
 
@@ -77,7 +78,10 @@ def test_recipe_files_load_and_validate(tmp_path):
     files = sorted(glob.glob("configs/**/*.yaml", recursive=True))
     assert files, "no recipes found in configs/"
     for path in files:
-        if "autoencoder" in path:
+        if "/diffusion/" in path:
+            recipe = load_config(DiffusionRecipe, path)
+            assert recipe.objective.parameterization == recipe.model.parameterization
+        else:
             recipe = load_config(AutoencoderRecipe, path, ["data.path=/tmp"])
             assert recipe.loss.kind == recipe.model.kind
     bad = tmp_path / "bad.yaml"

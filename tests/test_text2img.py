@@ -49,7 +49,13 @@ def pipeline_run(tmp_path_factory):
         AutoencoderRecipe,
         {
             "run_dir": str(tmp / "ae"),
-            "model": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "latent_channels": 2, "norm_groups": 4},
+            "model": {
+                "base_channels": 8,
+                "channel_mult": [1, 2],
+                "num_res_blocks": 1,
+                "latent_channels": 2,
+                "norm_groups": 4,
+            },
             "data": {"name": "shapes", "image_size": 16, "val_size": 8},
             "train": {"steps": 2, "batch_size": 4},
         },
@@ -65,7 +71,9 @@ def test_train_and_load_pipeline(pipeline_run):
     assert (tmp / "ldm" / "latents" / "train.safetensors").is_file()
     assert (tmp / "ldm" / "samples" / "step_00000003.png").is_file()
     pipe = ldmkit.load_pipeline(tmp / "ldm")
-    images = pipe(["a red circle in the center", "a blue square at the top left"], steps=3, progress=False)
+    images = pipe(
+        ["a red circle in the center", "a blue square at the top left"], steps=3, progress=False
+    )
     assert [im.size for im in images] == [(16, 16), (16, 16)]
     big = pipe("a red circle in the center", steps=2, height=24, width=32, progress=False)
     assert big[0].size == (32, 24)
@@ -74,10 +82,16 @@ def test_train_and_load_pipeline(pipeline_run):
 def test_seed_gives_the_same_image_whatever_the_batch(pipeline_run):
     tmp, _ = pipeline_run
     pipe = ldmkit.load_pipeline(tmp / "ldm")
-    prompts = ["a red circle in the center", "a green triangle on the left", "a blue square at the top"]
+    prompts = [
+        "a red circle in the center",
+        "a green triangle on the left",
+        "a blue square at the top",
+    ]
     for sampler in ("euler_ancestral", "dpmpp_2m"):
         batch = pipe(prompts, steps=3, sampler=sampler, seed=7, output="tensor", progress=False)
-        alone = pipe(prompts[1:2], steps=3, sampler=sampler, seed=8, output="tensor", progress=False)
+        alone = pipe(
+            prompts[1:2], steps=3, sampler=sampler, seed=8, output="tensor", progress=False
+        )
         torch.testing.assert_close(batch[1:2], alone, rtol=1e-4, atol=1e-5)
 
 
@@ -85,9 +99,46 @@ def test_negative_prompt_and_bad_inputs(pipeline_run):
     tmp, _ = pipeline_run
     pipe = ldmkit.load_pipeline(tmp / "ldm")
     a = pipe("a red circle in the center", steps=2, guidance=3.0, output="tensor", progress=False)
-    b = pipe("a red circle in the center", steps=2, guidance=3.0, negative_prompt="a blue square at the top", output="tensor", progress=False)
+    b = pipe(
+        "a red circle in the center",
+        steps=2,
+        guidance=3.0,
+        negative_prompt="a blue square at the top",
+        output="tensor",
+        progress=False,
+    )
     assert not torch.equal(a, b)
     with pytest.raises(ValueError, match="multiples of 2"):
         pipe("a red circle", height=15, progress=False)
     with pytest.raises(ValueError, match="text-conditional"):
         pipe(None, progress=False)
+
+
+def test_sample_and_eval_from_the_command_line(pipeline_run, capsys):
+    import json
+
+    from PIL import Image
+
+    from ldmkit.cli import main
+
+    tmp, _ = pipeline_run
+    run = str(tmp / "ldm")
+    grid = tmp / "grid.png"
+    args = [
+        "sample",
+        run,
+        "--prompt",
+        "a red circle in the center",
+        "--prompt",
+        "a blue square at the top",
+    ]
+    assert main([*args, "--n", "2", "--steps", "2", "--out", str(grid)]) == 0
+    assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)
+    folder = tmp / "imgs"
+    assert main([*args, "--steps", "2", "--seed", "5", "--out", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["0000_seed5.png", "0001_seed6.png"]
+    assert main(["eval", "diffusion", run, "--n", "2", "--steps", "2"]) == 0
+    result = json.loads((tmp / "ldm" / "eval.json").read_text())
+    assert result["1_object"]["n"] == 2 and 0.0 <= result["2_object"]["accuracy"] <= 1.0
+    assert main(["sample", run, "--out", str(grid)]) == 2  # no prompt for a text model
+    assert "text-conditional" in capsys.readouterr().err

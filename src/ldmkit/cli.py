@@ -31,6 +31,14 @@ Writes RUN/eval.json and prints the metrics (PSNR in dB, SSIM) on the run's held
 
 Writes one reconstruction per image, comparison.png (originals above reconstructions) and
 psnr.json into --out.""",
+    "sample": """examples:
+  ldmkit sample runs/demo/t2i --prompt "a red circle in the center" --n 8 --out grid.png
+  ldmkit sample runs/demo/t2i --prompt "a blue square at the top left" --prompt "a green triangle on the left" \
+      --sampler euler_ancestral --steps 50 --guidance 5 --out samples/
+  ldmkit sample runs/fmnist_cls --class-label 3 --n 16 --out dresses.png
+
+Image k is drawn from its own generator seeded SEED+k: the same seed gives the same image
+whatever --n or the number of prompts.""",
     "dataset": """examples:
   ldmkit dataset preview shapes --out shapes.png
   ldmkit dataset preview shapes --out shapes64.png --image-size 64 --n 16
@@ -61,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["train"],
         formatter_class=fmt,
     )
-    t.add_argument("what", choices=["autoencoder"], help="which stage to train")
+    t.add_argument("what", choices=["autoencoder", "diffusion"], help="which stage to train")
     t.add_argument("config", help="YAML recipe (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.add_argument("--restart", action="store_true", help="ignore existing checkpoints in run_dir")
@@ -71,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval", help="evaluate a trained run", epilog=EXAMPLES["eval"], formatter_class=fmt
     )
-    e.add_argument("what", choices=["autoencoder"])
+    e.add_argument("what", choices=["autoencoder", "diffusion"])
     e.add_argument("run", help="run folder (or a checkpoint folder inside it)")
     e.add_argument(
         "overrides",
@@ -83,6 +91,42 @@ def _parser() -> argparse.ArgumentParser:
         "--n", type=int, default=None, help="held-out images to use (default: data.val_size)"
     )
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument(
+        "--steps", type=int, default=None, help="diffusion: sampler steps (default: the model's)"
+    )
+    e.add_argument("--sampler", default=None, help="diffusion: sampler name (default: the model's)")
+    e.add_argument(
+        "--guidance", type=float, default=None, help="diffusion: CFG scale (default: the model's)"
+    )
+    e.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser(
+        "sample",
+        help="generate images with a trained diffusion run",
+        epilog=EXAMPLES["sample"],
+        formatter_class=fmt,
+    )
+    s.add_argument("run", help="diffusion run folder")
+    s.add_argument("--prompt", action="append", default=None, help="prompt (repeat for several)")
+    s.add_argument("--negative-prompt", default=None)
+    s.add_argument(
+        "--class-label",
+        type=int,
+        action="append",
+        default=None,
+        help="class index (class-conditional models)",
+    )
+    s.add_argument("--n", type=int, default=1, help="images per prompt")
+    s.add_argument(
+        "--out", required=True, help="a .png path (one grid) or a folder (one file per image)"
+    )
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--sampler", default=None, help="one of ldmkit.samplers.SAMPLERS")
+    s.add_argument("--schedule", default=None, help="karras, exponential, discrete or flow")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
 
     r = sub.add_parser(
         "reconstruct",
@@ -125,9 +169,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ldmkit.autoencoders.train import train_autoencoder
+    if args.what == "diffusion":
+        from ldmkit.diffusion.train import train_diffusion as train
+    else:
+        from ldmkit.autoencoders.train import train_autoencoder as train
 
-    metrics = train_autoencoder(
+    metrics = train(
         args.config,
         args.overrides,
         resume=not args.restart,
@@ -139,9 +186,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ldmkit.autoencoders.train import evaluate_autoencoder
+    if args.what == "diffusion":
+        from ldmkit.eval.diffusion import evaluate_diffusion
 
-    metrics = evaluate_autoencoder(args.run, args.overrides, n=args.n, batch_size=args.batch_size)
+        metrics = evaluate_diffusion(
+            args.run,
+            n=args.n,
+            steps=args.steps,
+            sampler=args.sampler,
+            guidance=args.guidance,
+            seed=args.seed,
+        )
+    else:
+        from ldmkit.autoencoders.train import evaluate_autoencoder
+
+        metrics = evaluate_autoencoder(
+            args.run, args.overrides, n=args.n, batch_size=args.batch_size
+        )
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -152,6 +213,41 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     results = reconstruct_files(args.run, args.input, args.out, size=args.size)
     for name, value in results.items():
         print(f"{name}\t{value:.2f} dB")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from ldmkit.data.transforms import make_grid
+    from ldmkit.pipelines import load_pipeline
+
+    pipe = load_pipeline(args.run)
+    images = pipe(
+        args.prompt,
+        class_labels=args.class_label,
+        negative_prompt=args.negative_prompt,
+        num_images_per_prompt=args.n,
+        steps=args.steps,
+        sampler=args.sampler,
+        schedule=args.schedule,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        output="tensor",
+    )
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, nrow=args.n if len(images) > args.n else min(8, len(images))).save(out)
+    else:
+        from ldmkit.data.transforms import to_pil
+
+        out.mkdir(parents=True, exist_ok=True)
+        for k, img in enumerate(torch.unbind(images)):
+            to_pil(img).save(out / f"{k:04d}_seed{args.seed + k}.png")
+    print(f"wrote {len(images)} images to {out}")
     return 0
 
 
@@ -205,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "eval": cmd_eval,
         "reconstruct": cmd_reconstruct,
+        "sample": cmd_sample,
         "dataset": cmd_dataset,
         "demo": cmd_demo,
     }

@@ -58,7 +58,9 @@ class DiffusionModelConfig:
         if self.parameterization == "flow" and self.schedule not in ("flow", "karras"):
             raise ValueError("a flow model samples on schedule=flow (or karras)")
         if self.schedule == "discrete" and self.parameterization in ("edm", "flow"):
-            raise ValueError(f"schedule=discrete needs a discrete VP model, not {self.parameterization}")
+            raise ValueError(
+                f"schedule=discrete needs a discrete VP model, not {self.parameterization}"
+            )
 
     def net_config(self) -> UNetConfig | DiTConfig:
         return self.unet if self.network == "unet" else self.dit
@@ -102,7 +104,9 @@ class DiffusionModel(nn.Module):
         return self.text_encoder if self.text_encoder is not None else self._frozen_text[0]
 
     # -- conditioning -----------------------------------------------------------------------
-    def condition(self, texts: Sequence[str] | None = None, labels: torch.Tensor | None = None) -> Cond:
+    def condition(
+        self, texts: Sequence[str] | None = None, labels: torch.Tensor | None = None
+    ) -> Cond:
         """The cond dict for a batch of prompts or class labels (``""`` / null class = uncond)."""
         cfg = self.config
         if cfg.conditioning == "text":
@@ -127,7 +131,9 @@ class DiffusionModel(nn.Module):
             return {"class": torch.full((batch,), self.config.num_classes, dtype=torch.long)}
         return {}
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond | None = None
+    ) -> torch.Tensor:
         return self.denoiser(x, sigma, cond)
 
     # -- sampling ---------------------------------------------------------------------------

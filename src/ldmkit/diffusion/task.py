@@ -55,14 +55,21 @@ class DiffusionRecipe:
 class LatentDataset(Dataset):
     """Cached posterior moments with their captions and labels."""
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, texts: list[str], labels: torch.Tensor):
+    def __init__(
+        self, mean: torch.Tensor, std: torch.Tensor, texts: list[str], labels: torch.Tensor
+    ):
         self.mean, self.std, self.texts, self.labels = mean, std, texts, labels
 
     def __len__(self) -> int:
         return len(self.mean)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"mean": self.mean[i], "std": self.std[i], "text": self.texts[i], "label": self.labels[i]}
+        return {
+            "mean": self.mean[i],
+            "std": self.std[i],
+            "text": self.texts[i],
+            "label": self.labels[i],
+        }
 
 
 @torch.no_grad()
@@ -113,8 +120,14 @@ class DiffusionTask(Task):
             from ldmkit.conditioning.tokenizer import WordTokenizer
 
             spec = dict(model_cfg.text_encoder)
-            if spec.get("kind") == "trained" and spec.get("tokenizer", "word") == "word" and not spec.get("vocab"):
-                spec["vocab"] = WordTokenizer.from_texts(train.texts).vocab  # vocabulary of the captions
+            if (
+                spec.get("kind") == "trained"
+                and spec.get("tokenizer", "word") == "word"
+                and not spec.get("vocab")
+            ):
+                spec["vocab"] = WordTokenizer.from_texts(
+                    train.texts
+                ).vocab  # vocabulary of the captions
                 model_cfg = replace(model_cfg, text_encoder=spec)
             encoder = load_text_encoder(spec)
         if model_cfg.conditioning == "class" and model_cfg.num_classes is None:
@@ -146,7 +159,9 @@ class DiffusionTask(Task):
             null = {"class": cfg.num_classes}
         else:
             cond = {}
-        loss, logs = diffusion_loss(self.model.denoiser, z, cond, generator, objective, null_cond=null)
+        loss, logs = diffusion_loss(
+            self.model.denoiser, z, cond, generator, objective, null_cond=null
+        )
         return {"model": loss, "loss_unweighted": logs["loss_unweighted"]}
 
     @torch.no_grad()
@@ -160,7 +175,9 @@ class DiffusionTask(Task):
             cond = (
                 self.model.condition(batch["text"])
                 if cfg.conditioning == "text"
-                else {"class": batch["label"].long()} if cfg.conditioning == "class" else {}
+                else {"class": batch["label"].long()}
+                if cfg.conditioning == "class"
+                else {}
             )
             loss, _ = diffusion_loss(
                 self.model.denoiser, z, cond, g, replace(self.objective, cond_dropout=0.0)
@@ -202,6 +219,8 @@ def prepare_run(recipe: DiffusionRecipe) -> tuple[AutoencoderBase, LatentDataset
         for name in ("model.safetensors", "model.json"):
             shutil.copyfile(source / name, ae_dir / name)
     ae = load_autoencoder(ae_dir)
-    train = encode_dataset(ae, build_dataset(recipe.data, "train"), run / "latents" / "train.safetensors")
+    train = encode_dataset(
+        ae, build_dataset(recipe.data, "train"), run / "latents" / "train.safetensors"
+    )
     val = encode_dataset(ae, build_dataset(recipe.data, "val"), run / "latents" / "val.safetensors")
     return ae, train, val

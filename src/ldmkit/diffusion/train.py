@@ -29,7 +29,11 @@ def train_diffusion(
     Writes RUN/config.yaml, RUN/autoencoder/ (a copy of the first stage), RUN/latents/
     (the cached posteriors), checkpoints, samples, logs and RUN/metrics.json.
     """
-    recipe = config if isinstance(config, DiffusionRecipe) else load_config(DiffusionRecipe, config, overrides)
+    recipe = (
+        config
+        if isinstance(config, DiffusionRecipe)
+        else load_config(DiffusionRecipe, config, overrides)
+    )
     run_dir = Path(recipe.run_dir).expanduser()
     autoencoder, train, val = prepare_run(recipe)  # data and autoencoder errors surface here
     torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed only
@@ -38,8 +42,12 @@ def train_diffusion(
     n_params = sum(p.numel() for p in task.model.parameters())
     log.info(
         "training %s %s diffusion model (%.2fM parameters) on %d latents of shape %s -> %s",
-        recipe.model.network, recipe.model.parameterization, n_params / 1e6,
-        len(train), tuple(train.mean.shape[1:]), run_dir,
+        recipe.model.network,
+        recipe.model.parameterization,
+        n_params / 1e6,
+        len(train),
+        tuple(train.mean.shape[1:]),
+        run_dir,
     )
     trainer = Trainer(task, recipe.train, run_dir, train, val, val_batches=4, progress=progress)
     metrics = trainer.fit(resume=resume, stop_at=stop_at)

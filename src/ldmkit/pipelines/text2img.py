@@ -24,7 +24,9 @@ class LatentDiffusionPipeline:
     same seed gives the same image whatever the batch size or device.
     """
 
-    def __init__(self, model: DiffusionModel, autoencoder: AutoencoderBase, latent_size: tuple[int, ...]):
+    def __init__(
+        self, model: DiffusionModel, autoencoder: AutoencoderBase, latent_size: tuple[int, ...]
+    ):
         self.model = model.eval()
         self.autoencoder = autoencoder.eval()
         self.latent_size = latent_size  # (C, H, W) of the training latents
@@ -69,7 +71,8 @@ class LatentDiffusionPipeline:
         for start in range(0, n, batch_size):
             end = min(n, start + batch_size)
             cond = self.model.condition(
-                prompts[start:end] if prompts else None, labels[start:end] if labels is not None else None
+                prompts[start:end] if prompts else None,
+                labels[start:end] if labels is not None else None,
             )
             if cfg.conditioning == "text" and negatives is not None:
                 uncond = self.model.condition(negatives[start:end])
@@ -77,8 +80,16 @@ class LatentDiffusionPipeline:
                 uncond = self.model.null_condition(end - start)
             generators = [torch.Generator().manual_seed(seed + k) for k in range(start, end)]
             z = self.model.sample(
-                (end - start, c, h, w), cond, uncond, steps=steps, sampler=sampler, schedule=schedule,
-                guidance=guidance, generator=generators, callback=callback, progress=progress,
+                (end - start, c, h, w),
+                cond,
+                uncond,
+                steps=steps,
+                sampler=sampler,
+                schedule=schedule,
+                guidance=guidance,
+                generator=generators,
+                callback=callback,
+                progress=progress,
             )
             x = self.autoencoder.decode(z.float())
             if not torch.isfinite(x).all():
@@ -93,12 +104,16 @@ class LatentDiffusionPipeline:
         cfg = self.model.config
         if cfg.conditioning == "text":
             if prompt is None:
-                raise ValueError("this model is text-conditional: pass a prompt or a list of prompts")
+                raise ValueError(
+                    "this model is text-conditional: pass a prompt or a list of prompts"
+                )
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             return [p for p in prompts for _ in range(per)], None
         if cfg.conditioning == "class":
             if class_labels is None:
-                raise ValueError(f"this model is class-conditional: pass class_labels (0..{cfg.num_classes - 1})")
+                raise ValueError(
+                    f"this model is class-conditional: pass class_labels (0..{cfg.num_classes - 1})"
+                )
             labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
             return None, torch.tensor([lab for lab in labels for _ in range(per)])
         return None, torch.full((per,), -1)
