@@ -110,3 +110,16 @@ def test_bf16_and_accumulation_run(tmp_path, make_recipe):
     )
     metrics = train_autoencoder(recipe, progress=False)
     assert metrics["step"] == 2 and metrics["val_psnr"] > 0
+
+
+def test_restart_starts_afresh(recipe):
+    train_autoencoder(recipe, progress=False)
+    recipe.train.steps = 2
+    train_autoencoder(recipe, progress=False, resume=False)
+    assert sorted(os.listdir(f"{recipe.run_dir}/checkpoints")) == ["latest", "step_00000002"]
+    assert _state(recipe.run_dir)[1]["step"] == 2
+    steps = [
+        json.loads(line)["step"]
+        for line in Path(f"{recipe.run_dir}/logs/scalars.jsonl").read_text().splitlines()
+    ]
+    assert max(steps) == 2

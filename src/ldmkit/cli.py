@@ -72,7 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("what", choices=["autoencoder", "diffusion"], help="which stage to train")
     t.add_argument("config", help="YAML recipe (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    t.add_argument("--restart", action="store_true", help="ignore existing checkpoints in run_dir")
+    t.add_argument(
+        "--restart",
+        action="store_true",
+        help="start from scratch: remove run_dir's earlier checkpoints, samples and logs",
+    )
     t.add_argument("--stop-at", type=int, default=None, help="pause after this step (resume later)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -264,9 +264,23 @@ class Trainer:
             "stop requested: finishing this step and saving a checkpoint (Ctrl-C again to abort)"
         )
 
+    def _clear_previous_run(self) -> None:
+        """Starting afresh: remove an earlier run's checkpoints, samples and logs in run_dir."""
+        import shutil
+
+        old = [self.run_dir / d for d in ("checkpoints", "samples", "logs")]
+        old = [d for d in old if d.exists()]
+        if old:
+            log.warning("restart: removing %s", ", ".join(str(d) for d in old))
+            for d in old:
+                shutil.rmtree(d)
+
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, *, resume: bool = True, stop_at: int | None = None) -> dict[str, float]:
         """Train to ``cfg.steps`` (or pause after ``stop_at``), checkpointing on the way.
+
+        ``resume=False`` starts from scratch and removes the run folder's earlier checkpoints,
+        samples and logs.
 
         Returns the last held-out metrics. A paused or interrupted run continues exactly
         where it stopped when ``fit`` is called again on the same run folder.
@@ -277,6 +291,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
+        else:
+            self._clear_previous_run()
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         val = self._val_list()
         from torch.utils.tensorboard import SummaryWriter
