@@ -7,6 +7,7 @@ the diffusion model never sees pixels), and each step draws ``z = mean + std * e
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field, replace
@@ -26,7 +27,7 @@ from ldmkit.diffusion.model import DiffusionModel, DiffusionModelConfig
 from ldmkit.diffusion.objectives import DiffusionObjectiveConfig, diffusion_loss
 from ldmkit.training.config import TrainConfig
 from ldmkit.training.task import Task
-from ldmkit.utils.io import load_tensors, save_tensors
+from ldmkit.utils.io import atomic_write_json, load_tensors, save_tensors
 
 log = logging.getLogger("ldmkit")
 
@@ -74,11 +75,9 @@ class LatentDataset(Dataset):
 
 @torch.no_grad()
 def encode_dataset(
-    ae: AutoencoderBase, data: Dataset, path: Path, *, batch_size: int = 256
+    ae: AutoencoderBase, data: Dataset, path: Path, *, batch_size: int = 256, progress: bool = True
 ) -> LatentDataset:
     """Encode ``data`` once (posterior mean and std, unscaled) and cache it at ``path``."""
-    import json
-
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():
         tensors = load_tensors(path)
@@ -88,7 +87,7 @@ def encode_dataset(
         log.warning("latent cache %s is stale (size changed): re-encoding", path)
     means, stds, texts, labels = [], [], [], []
     loader = DataLoader(data, batch_size=batch_size)
-    for batch in tqdm(loader, desc=f"encode {path.stem}", leave=False):
+    for batch in tqdm(loader, desc=f"encode {path.stem}", leave=False, disable=not progress):
         if isinstance(ae, AutoencoderKL):
             post = ae.encode_posterior(batch["image"])
             means.append(post.mean)
@@ -101,8 +100,6 @@ def encode_dataset(
         labels.append(torch.as_tensor(batch.get("label", torch.full((len(batch["image"]),), -1))))
     mean, std, label = torch.cat(means), torch.cat(stds), torch.cat(labels).long()
     save_tensors({"mean": mean, "std": std, "labels": label}, path)
-    from ldmkit.utils.io import atomic_write_json
-
     atomic_write_json(meta_path, {"texts": texts})
     return LatentDataset(mean, std, texts, label)
 
@@ -207,7 +204,9 @@ class DiffusionTask(Task):
         }
 
 
-def prepare_run(recipe: DiffusionRecipe) -> tuple[AutoencoderBase, LatentDataset, LatentDataset]:
+def prepare_run(
+    recipe: DiffusionRecipe, *, progress: bool = True
+) -> tuple[AutoencoderBase, LatentDataset, LatentDataset]:
     """Copy the autoencoder into the run (self-contained) and cache the latents."""
     from ldmkit.training.checkpoint import resolve_checkpoint
 

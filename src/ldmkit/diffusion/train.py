@@ -35,7 +35,9 @@ def train_diffusion(
         else load_config(DiffusionRecipe, config, overrides)
     )
     run_dir = Path(recipe.run_dir).expanduser()
-    autoencoder, train, val = prepare_run(recipe)  # data and autoencoder errors surface here
+    autoencoder, train, val = prepare_run(
+        recipe, progress=progress
+    )  # data and autoencoder errors surface here
     torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed only
     task = DiffusionTask(recipe, autoencoder, train)
     save_yaml(recipe, run_dir / "config.yaml")
