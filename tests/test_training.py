@@ -32,6 +32,9 @@ def test_train_writes_a_complete_run(recipe):
     assert model.config.scaling_factor != 1.0
     x = torch.zeros(1, 3, 16, 16)
     assert model.encode(x).shape == (1, 2, 8, 8)
+    # Running it again resumes the finished run: nothing changes, the scale is kept.
+    again = train_autoencoder(recipe, progress=False)
+    assert again["scaling_factor"] == saved["scaling_factor"] and again["step"] == 6
 
 
 def test_resume_is_exact(tmp_path, make_recipe):

@@ -10,7 +10,7 @@ import torch
 
 from ldmkit.autoencoders.base import AutoencoderBase, AutoencoderConfig
 from ldmkit.autoencoders.losses import AutoencoderLoss, AutoencoderLossConfig
-from ldmkit.config import to_dict
+from ldmkit.config import from_dict, to_dict
 from ldmkit.data.build import DataConfig, random_flip
 from ldmkit.eval.metrics import psnr, ssim
 from ldmkit.training.config import TrainConfig
@@ -99,6 +99,9 @@ class AutoencoderTask(Task):
     def export_config(self) -> dict[str, Any]:
         return {"kind": "autoencoder", "config": to_dict(self.model.config)}
 
+    def restore_export_config(self, config: dict[str, Any]) -> None:
+        self.model.config = from_dict(AutoencoderConfig, config["config"])
+
     @torch.no_grad()
     def on_train_end(self, batches: list[dict[str, Any]]) -> None:
         """Set the latent scale (and shift) from held-out data: scale = 1 / std(z)."""
@@ -139,7 +142,6 @@ def reconstruction_metrics(model: AutoencoderBase, batches: Any) -> dict[str, fl
 
 def load_autoencoder(path: str | Path) -> AutoencoderBase:
     """An autoencoder from a run folder or checkpoint folder (weights never unpickled)."""
-    from ldmkit.config import from_dict
     from ldmkit.training.checkpoint import load_model_files
 
     weights, meta = load_model_files(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -66,16 +67,9 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"]) -> Dataset:
             channels=cfg.channels,
         )
         return data if split == "train" else _first(data, cfg.val_size, cfg.seed)
-    from ldmkit.data.folder import ImageFolderDataset
 
     def folder(root: str) -> Dataset:
-        return ImageFolderDataset(
-            root,
-            cfg.image_size,
-            channels=cfg.channels,
-            center_crop=cfg.center_crop,
-            background=cfg.background,
-        )
+        return _image_folder(root, cfg.image_size, cfg.channels, cfg.center_crop, cfg.background)
 
     if cfg.val_path:
         return folder(cfg.path if split == "train" else cfg.val_path)
@@ -87,6 +81,18 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"]) -> Dataset:
     if split == "train":
         return Subset(full, perm[n_val:])
     return _first(Subset(full, perm[:n_val]), cfg.val_size, cfg.seed)
+
+
+@lru_cache(maxsize=4)
+def _image_folder(
+    root: str, size: int, channels: int, center_crop: bool, background: tuple[int, int, int]
+) -> Dataset:
+    """One scan (and bad-file report) per folder, shared by the train and held-out splits."""
+    from ldmkit.data.folder import ImageFolderDataset
+
+    return ImageFolderDataset(
+        root, size, channels=channels, center_crop=center_crop, background=background
+    )
 
 
 def _first(data: Dataset, n: int, seed: int) -> Dataset:

@@ -167,6 +167,7 @@ class Trainer:
         if ckpt is None:
             return False
         self._load_state(*load_training_state(ckpt))
+        self.task.restore_export_config(json.loads((ckpt / "model.json").read_text()))
         log.info("resumed %s at step %d", ckpt, self.step)
         return True
 

@@ -50,5 +50,8 @@ class Task:
         """The inference model's config, stored as JSON beside its weights."""
         return {}
 
+    def restore_export_config(self, config: dict[str, Any]) -> None:
+        """Take back what ``export_config`` saved (called when a run is resumed)."""
+
     def on_train_end(self, batches: list[dict[str, Any]]) -> None:
         """Called once with the inference weights loaded, before the final checkpoint."""
