@@ -42,24 +42,10 @@ def _recipe(tmp_path, ae_run, **model):
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    from ldmkit.autoencoders.task import AutoencoderRecipe
+    from conftest import tiny_recipe
 
     tmp = tmp_path_factory.mktemp("t2i")
-    ae = from_dict(
-        AutoencoderRecipe,
-        {
-            "run_dir": str(tmp / "ae"),
-            "model": {
-                "base_channels": 8,
-                "channel_mult": [1, 2],
-                "num_res_blocks": 1,
-                "latent_channels": 2,
-                "norm_groups": 4,
-            },
-            "data": {"name": "shapes", "image_size": 16, "val_size": 8},
-            "train": {"steps": 2, "batch_size": 4},
-        },
-    )
+    ae = tiny_recipe(tmp / "ae", train={"steps": 2}, loss={"disc_start": 100})
     train_autoencoder(ae, progress=False)
     metrics = train_diffusion(_recipe(tmp, tmp / "ae"), progress=False)
     return tmp, metrics
