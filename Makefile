@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MNIST_DIR ?= $(HOME)/.cache/ldmkit/mnist
 
-.PHONY: install demo test lint data bench clean
+.PHONY: install demo test lint data clean
 
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
