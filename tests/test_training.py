@@ -126,3 +126,23 @@ def test_restart_starts_afresh(recipe):
         for line in Path(f"{recipe.run_dir}/logs/scalars.jsonl").read_text().splitlines()
     ]
     assert max(steps) == 2
+
+
+def test_ema_warms_up_then_averages():
+    from torch import nn
+
+    from ldmkit.training.ema import EMA
+
+    lin = nn.Linear(1, 1, bias=False)
+    w0 = lin.weight.item()
+    ema = EMA(lin, decay=0.999)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10_000) == 0.999
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
+    ema.update(ema.decay_at(0))  # shadow = 0.1 * w0 + 0.9 * 2.0
+    assert ema.shadow["weight"].item() == pytest.approx(0.1 * w0 + 1.8, rel=1e-6)
+    ema.update(0.5)
+    expected = 0.5 * (0.1 * w0 + 1.8) + 1.0
+    with ema.swapped_in() as module:
+        assert module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert lin.weight.item() == 2.0  # restored after the context

@@ -22,6 +22,12 @@ class EMA:
         self.decay = decay
         self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
+    def decay_at(self, step: int) -> float:
+        """Warm-up: ``min(decay, (1 + step) / (10 + step))``, so the random initial weights
+        do not linger in the average (with decay 0.999 they would still weigh 37% after
+        1000 steps)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
         d = self.decay if decay is None else decay

@@ -230,7 +230,7 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(self.ema.decay_at(self.step))
         logs["lr"] = lr
         return logs
 
