@@ -143,19 +143,15 @@ class DiffusionTask(Task):
     ) -> dict[str, torch.Tensor]:
         z = self.latents(batch, generator)
         cfg = self.model.config
-        objective = self.objective
-        null = None
+        objective, null, texts = self.objective, None, batch["text"]
         if cfg.conditioning == "text":
             # Caption dropout (the null condition is the empty prompt, as in SD training).
             drop = torch.rand(len(z), generator=generator) < objective.cond_dropout
-            texts = ["" if d else t for d, t in zip(drop.tolist(), batch["text"], strict=True)]
-            cond = self.model.condition(texts)
+            texts = ["" if d else t for d, t in zip(drop.tolist(), texts, strict=True)]
             objective = replace(objective, cond_dropout=0.0)
         elif cfg.conditioning == "class":
-            cond = {"class": batch["label"].long()}
             null = {"class": cfg.num_classes}
-        else:
-            cond = {}
+        cond = self.model.condition(texts, batch["label"])
         loss, logs = diffusion_loss(
             self.model.denoiser, z, cond, generator, objective, null_cond=null
         )
@@ -168,14 +164,7 @@ class DiffusionTask(Task):
         total, n = 0.0, 0
         for batch in batches:
             z = self.latents(batch, g)
-            cfg = self.model.config
-            cond = (
-                self.model.condition(batch["text"])
-                if cfg.conditioning == "text"
-                else {"class": batch["label"].long()}
-                if cfg.conditioning == "class"
-                else {}
-            )
+            cond = self.model.condition(batch["text"], batch["label"])
             loss, _ = diffusion_loss(
                 self.model.denoiser, z, cond, g, replace(self.objective, cond_dropout=0.0)
             )

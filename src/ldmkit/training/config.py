@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,10 +53,5 @@ class TrainConfig:
             return self.lr
         span = max(1, self.steps - self.warmup_steps)
         t = min(1.0, (step - self.warmup_steps) / span)
-        if self.lr_decay == "cosine":
-            import math
-
-            factor = 0.5 * (1.0 + math.cos(math.pi * t))
-        else:
-            factor = 1.0 - t
+        factor = 0.5 * (1.0 + math.cos(math.pi * t)) if self.lr_decay == "cosine" else 1.0 - t
         return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * factor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -267,8 +268,6 @@ class Trainer:
 
     def _clear_previous_run(self) -> None:
         """Starting afresh: remove an earlier run's checkpoints, samples and logs in run_dir."""
-        import shutil
-
         old = [self.run_dir / d for d in ("checkpoints", "samples", "logs")]
         old = [d for d in old if d.exists()]
         if old:
