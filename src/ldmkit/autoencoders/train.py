@@ -16,9 +16,9 @@ from ldmkit.autoencoders.task import (
     read_recipe,
     reconstruction_metrics,
 )
-from ldmkit.config import apply_overrides, from_dict, load_config, save_yaml
+from ldmkit.config import apply_overrides, from_dict, load_config
 from ldmkit.data.build import DataConfig, build_dataset
-from ldmkit.training.loop import Trainer
+from ldmkit.training.loop import Trainer, run_training
 from ldmkit.utils.io import atomic_write_json
 
 log = logging.getLogger("ldmkit")
@@ -41,50 +41,43 @@ def train_autoencoder(
         if isinstance(config, AutoencoderRecipe)
         else load_config(AutoencoderRecipe, config, overrides)
     )
-    run_dir = Path(recipe.run_dir).expanduser()
     # Build the data first: a bad folder fails here, before anything is written.
     train_data = build_dataset(recipe.data, "train")
     val_data = build_dataset(recipe.data, "val")
     torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed only
     task = AutoencoderTask(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(recipe, run_dir / "config.yaml")
-    n_params = sum(p.numel() for p in task.model.parameters())
     log.info(
         "training %s autoencoder (f=%d, %.2fM parameters) on %s -> %s",
         recipe.model.kind,
         recipe.model.downsampling_factor,
-        n_params / 1e6,
+        sum(p.numel() for p in task.model.parameters()) / 1e6,
         recipe.data.name,
-        run_dir,
+        recipe.run_dir,
     )
-    n_val = len(val_data)
-    trainer = Trainer(
+
+    def summary(trainer: Trainer) -> dict[str, Any]:
+        extra = {
+            "downsampling_factor": recipe.model.downsampling_factor,
+            "latent_shape": _latent_shape(recipe),
+            "scaling_factor": task.model.config.scaling_factor,
+            "shift_factor": task.model.config.shift_factor,
+        }
+        if recipe.model.kind == "vq" and trainer.step == recipe.train.steps:
+            usage = task.model.quantize.codebook_usage()
+            extra.update({f"codebook_{k}": float(v) for k, v in usage.items()})
+        return extra
+
+    return run_training(
         task,
-        recipe.train,
-        run_dir,
+        recipe,
         train_data,
         val_data,
-        val_batches=-(-n_val // recipe.train.batch_size),
+        val_batches=-(-len(val_data) // recipe.train.batch_size),
+        resume=resume,
+        stop_at=stop_at,
         progress=progress,
+        summary=summary,
     )
-    metrics = trainer.fit(resume=resume, stop_at=stop_at)
-    summary = {
-        "step": trainer.step,
-        "train_seconds": round(trainer.elapsed, 1),
-        "parameters": n_params,
-        "downsampling_factor": recipe.model.downsampling_factor,
-        "latent_shape": _latent_shape(recipe),
-        "scaling_factor": task.model.config.scaling_factor,
-        "shift_factor": task.model.config.shift_factor,
-        **{f"val_{k}": v for k, v in metrics.items()},
-    }
-    if recipe.model.kind == "vq" and trainer.step == recipe.train.steps:
-        summary.update(
-            {f"codebook_{k}": float(v) for k, v in task.model.quantize.codebook_usage().items()}
-        )
-    atomic_write_json(run_dir / "metrics.json", summary)
-    return summary
 
 
 def _latent_shape(recipe: AutoencoderRecipe) -> list[int]:

@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from ldmkit.config import load_config, save_yaml
+from ldmkit.config import load_config
 from ldmkit.diffusion.task import DiffusionRecipe, DiffusionTask, prepare_run
-from ldmkit.training.loop import Trainer
-from ldmkit.utils.io import atomic_write_json
+from ldmkit.training.loop import run_training
 
 log = logging.getLogger("ldmkit")
 
@@ -34,30 +33,18 @@ def train_diffusion(
         if isinstance(config, DiffusionRecipe)
         else load_config(DiffusionRecipe, config, overrides)
     )
-    run_dir = Path(recipe.run_dir).expanduser()
-    autoencoder, train, val = prepare_run(
-        recipe, progress=progress
-    )  # data and autoencoder errors surface here
+    autoencoder, train, val = prepare_run(recipe, progress=progress)  # errors surface here
     torch.manual_seed(recipe.train.seed)  # the initial weights depend on the seed only
     task = DiffusionTask(recipe, autoencoder, train)
-    save_yaml(recipe, run_dir / "config.yaml")
-    n_params = sum(p.numel() for p in task.model.parameters())
     log.info(
         "training %s %s diffusion model (%.2fM parameters) on %d latents of shape %s -> %s",
         recipe.model.network,
         recipe.model.parameterization,
-        n_params / 1e6,
+        sum(p.numel() for p in task.model.parameters()) / 1e6,
         len(train),
         tuple(train.mean.shape[1:]),
-        run_dir,
+        recipe.run_dir,
     )
-    trainer = Trainer(task, recipe.train, run_dir, train, val, val_batches=4, progress=progress)
-    metrics = trainer.fit(resume=resume, stop_at=stop_at)
-    summary = {
-        "step": trainer.step,
-        "train_seconds": round(trainer.elapsed, 1),
-        "parameters": n_params,
-        **{f"val_{k}": v for k, v in metrics.items()},
-    }
-    atomic_write_json(run_dir / "metrics.json", summary)
-    return summary
+    return run_training(
+        task, recipe, train, val, val_batches=4, resume=resume, stop_at=stop_at, progress=progress
+    )

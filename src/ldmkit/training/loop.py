@@ -14,7 +14,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from ldmkit.config import save_yaml
 from ldmkit.training.checkpoint import (
     latest_checkpoint,
     load_training_state,
@@ -34,6 +35,7 @@ from ldmkit.training.checkpoint import (
 from ldmkit.training.config import TrainConfig
 from ldmkit.training.ema import EMA
 from ldmkit.training.task import Task
+from ldmkit.utils.io import atomic_write_json
 
 log = logging.getLogger("ldmkit.training")
 
@@ -354,3 +356,41 @@ class Trainer:
             writer.close()
             jsonl.close()
         return self.metrics
+
+
+def run_training(
+    task: Task,
+    recipe: Any,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    *,
+    val_batches: int,
+    resume: bool = True,
+    stop_at: int | None = None,
+    progress: bool = True,
+    summary: Callable[[Trainer], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The part every ``train_*`` entry point shares: save the resolved recipe, train, and
+    write RUN/metrics.json (step, training time, parameters, ``summary()`` extras, val_*)."""
+    run_dir = Path(recipe.run_dir).expanduser()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(recipe, run_dir / "config.yaml")
+    trainer = Trainer(
+        task,
+        recipe.train,
+        run_dir,
+        train_data,
+        val_data,
+        val_batches=val_batches,
+        progress=progress,
+    )
+    metrics = trainer.fit(resume=resume, stop_at=stop_at)
+    result = {
+        "step": trainer.step,
+        "train_seconds": round(trainer.elapsed, 1),
+        "parameters": sum(p.numel() for p in task.model.parameters()),
+        **(summary(trainer) if summary is not None else {}),
+        **{f"val_{k}": v for k, v in metrics.items()},
+    }
+    atomic_write_json(run_dir / "metrics.json", result)
+    return result
