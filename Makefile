@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/ldmkit demo --out runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 test: $(STAMP) lint
 	$(BIN)/pytest -rs

@@ -173,6 +173,42 @@ def grads(model: torch.nn.Module, *args, **kwargs) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def test_attention_position_embedding_tells_tokens_apart_without_new_weights():
+    from ldmkit.nn.attention import SpatialTransformer
+
+    torch.manual_seed(0)
+    plain = SpatialTransformer(16, 2, 8, norm_groups=4)
+    placed = SpatialTransformer(16, 2, 8, norm_groups=4, position_embedding=True)
+    assert plain.state_dict().keys() == placed.state_dict().keys()  # SD weights still fit
+    placed.load_state_dict(plain.state_dict())
+    for block in (plain, placed):
+        torch.nn.init.normal_(block.proj_out.weight)  # not the identity any more
+    x = torch.randn(1, 16, 1, 1).expand(1, 16, 4, 6).contiguous()  # the same vector everywhere
+    x = x + 0.01 * torch.randn(1, 16, 4, 6)  # (GroupNorm needs some variance)
+    same = plain(x) - x
+    where = placed(x) - x
+    # self-attention of near-identical tokens gives near-identical outputs, unless positioned
+    assert same.std(dim=(2, 3)).max() < 0.2 * where.std(dim=(2, 3)).max()
+    with pytest.raises(ValueError, match="2-D"):
+        SpatialTransformer(16, 2, 8, dims=1, norm_groups=4, position_embedding=True)
+
+
+@pytest.mark.parametrize("tokens", [8, 300])  # the math kernel (training) and the default one
+def test_sdpa_kernel_choice_does_not_change_outputs_or_gradients(tokens):
+    from ldmkit.nn.layers import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, tokens, 16, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 1, tokens, generator=g) > 0.3
+    mask[..., 0] = True
+    out = sdpa(q, k, v, attn_mask=mask)
+    (grad_q,) = torch.autograd.grad(out.square().sum(), q)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    (ref_grad_q,) = torch.autograd.grad(ref.square().sum(), q)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_q, ref_grad_q, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("make", [tiny_unet, tiny_dit])
 def test_gradient_checkpointing_gives_identical_gradients(make):
     model = randomize(make(context_dim=CTX, num_classes=3))

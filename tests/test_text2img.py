@@ -65,6 +65,23 @@ def test_train_and_load_pipeline(pipeline_run):
     assert big[0].size == (32, 24)
 
 
+def test_pooled_text_feeds_the_vector_embedding(pipeline_run, tmp_path):
+    tmp, _ = pipeline_run
+    train_diffusion(_recipe(tmp_path, tmp / "ae", pooled_text=True), progress=False)
+    pipe = ldmkit.load_pipeline(tmp_path / "ldm")
+    assert pipe.config.pooled_text and pipe.config.unet.vector_dim == 16  # the encoder's dim
+    model = pipe.model
+    cond = model.condition(["a red circle in the center"])
+    assert cond["vector"].shape == (1, 16)
+    x, sigma = torch.randn(1, 2, 8, 8), torch.tensor([2.0])
+    moved = dict(cond, vector=cond["vector"] + 1.0)
+    assert not torch.allclose(model(x, sigma, cond), model(x, sigma, moved))
+    bad = _recipe(tmp_path / "bad", tmp / "ae", pooled_text=True)
+    bad.model.unet.vector_dim = 7
+    with pytest.raises(ValueError, match="vector_dim is 7"):
+        train_diffusion(bad, progress=False)
+
+
 def test_seed_gives_the_same_image_whatever_the_batch(pipeline_run):
     tmp, _ = pipeline_run
     pipe = ldmkit.load_pipeline(tmp / "ldm")

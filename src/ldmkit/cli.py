@@ -16,6 +16,8 @@ EXAMPLES = {
   ldmkit train autoencoder configs/autoencoder/kl_f4_shapes.yaml
   ldmkit train autoencoder configs/autoencoder/kl_f4_shapes.yaml train.steps=500 run_dir=runs/quick
   ldmkit train autoencoder configs/autoencoder/kl_f4_folder.yaml data.path=~/my_images
+  ldmkit train diffusion configs/diffusion/t2i_shapes_unet.yaml
+  ldmkit train classifier configs/classifier/fashion_mnist.yaml
 
 Any config key can be overridden as section.key=value (values are YAML). Running the same
 command again resumes from the run's latest checkpoint; Ctrl-C stops after the current step
@@ -23,8 +25,13 @@ and saves a checkpoint.""",
     "eval": """examples:
   ldmkit eval autoencoder runs/kl_f4_shapes
   ldmkit eval autoencoder runs/kl_f4_shapes --n 1024 data.path=~/other_images
+  ldmkit eval diffusion runs/t2i_shapes_unet --n 256
+  ldmkit eval diffusion runs/class_fashion_mnist --classifier runs/classifier_fashion_mnist
 
-Writes RUN/eval.json and prints the metrics (PSNR in dB, SSIM) on the run's held-out split.""",
+Writes RUN/eval.json and prints the metrics: PSNR in dB and SSIM on the held-out split for
+autoencoders; verifier adherence of 1- and 2-object prompts (--n each) for shapes
+text-to-image; recognition by the classifier and Frechet distances (--n samples per class)
+for class-conditional runs.""",
     "reconstruct": """examples:
   ldmkit reconstruct runs/kl_f4_shapes photo.png --out recon/
   ldmkit reconstruct runs/kl_f4_shapes my_folder/ --out recon/ --size 0
@@ -35,7 +42,7 @@ psnr.json into --out.""",
   ldmkit sample runs/demo/t2i --prompt "a red circle in the center" --n 8 --out grid.png
   ldmkit sample runs/demo/t2i --prompt "a blue square at the top left" --prompt "a green triangle on the left" \
       --sampler euler_ancestral --steps 50 --guidance 5 --out samples/
-  ldmkit sample runs/fmnist_cls --class-label 3 --n 16 --out dresses.png
+  ldmkit sample runs/class_fashion_mnist --class-label 3 --n 16 --out dresses.png
 
 Image k is drawn from its own generator seeded SEED+k: the same seed gives the same image
 whatever --n or the number of prompts.""",
@@ -69,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["train"],
         formatter_class=fmt,
     )
-    t.add_argument("what", choices=["autoencoder", "diffusion"], help="which stage to train")
+    t.add_argument(
+        "what",
+        choices=["autoencoder", "diffusion", "classifier"],
+        help="which stage to train (classifier: the judge of class-conditional samples)",
+    )
     t.add_argument("config", help="YAML recipe (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.add_argument(
@@ -103,6 +114,11 @@ def _parser() -> argparse.ArgumentParser:
         "--guidance", type=float, default=None, help="diffusion: CFG scale (default: the model's)"
     )
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument(
+        "--classifier",
+        default=None,
+        help="diffusion, class-conditional runs: a folder from `ldmkit train classifier`",
+    )
 
     s = sub.add_parser(
         "sample",
@@ -168,11 +184,25 @@ def _parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="run the demo (what `make demo` runs)")
     dm.add_argument("--out", default="runs/demo", help="output folder")
-    dm.add_argument("--config", default="configs/demo/autoencoder.yaml")
+    dm.add_argument(
+        "--config", default="configs/demo/autoencoder.yaml", help="stage 1 (autoencoder) recipe"
+    )
+    dm.add_argument(
+        "--t2i-config", default="configs/demo/t2i.yaml", help="stage 2 (text-to-image) recipe"
+    )
+    dm.add_argument(
+        "--n-eval", type=int, default=64, help="prompts per adherence group (1 and 2 objects)"
+    )
     return p
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.what == "classifier":
+        from ldmkit.eval.class_conditional import train_judge
+
+        metrics = train_judge(args.config, args.overrides, progress=not args.no_progress)
+        print(json.dumps(metrics, indent=2))
+        return 0
     if args.what == "diffusion":
         from ldmkit.diffusion.train import train_diffusion as train
     else:
@@ -200,6 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sampler=args.sampler,
             guidance=args.guidance,
             seed=args.seed,
+            classifier=args.classifier,
         )
     else:
         from ldmkit.autoencoders.train import evaluate_autoencoder
@@ -290,7 +321,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ldmkit.demo import run_demo
 
-    print(json.dumps(run_demo(args.out, args.config), indent=2))
+    print(json.dumps(run_demo(args.out, args.config, args.t2i_config, args.n_eval), indent=2))
     return 0
 
 

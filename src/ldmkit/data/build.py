@@ -23,7 +23,9 @@ class DataConfig:
     )
     val_fraction: float = 0.05  # folder: share of images held out when no val_path is given
     val_size: int = 512  # held-out images used for metrics (at most)
-    train_size: int | None = None  # shapes: number of distinct images; null = unbounded
+    # shapes: number of distinct images (null = unbounded); other sets: a fixed random subset
+    # of this many training images (null = all)
+    train_size: int | None = None
     center_crop: bool = True  # folder: crop to square after resizing the short side
     random_flip: bool = False  # horizontal flips during training
     background: tuple[int, int, int] = (255, 255, 255)  # folder: colour under transparent pixels
@@ -66,7 +68,9 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"]) -> Dataset:
             pad_to=cfg.image_size,
             channels=cfg.channels,
         )
-        return data if split == "train" else _first(data, cfg.val_size, cfg.seed)
+        if split == "train":
+            return data if cfg.train_size is None else _first(data, cfg.train_size, cfg.seed)
+        return _first(data, cfg.val_size, cfg.seed)
 
     def folder(root: str) -> Dataset:
         return _image_folder(root, cfg.image_size, cfg.channels, cfg.center_crop, cfg.background)
@@ -79,7 +83,8 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"]) -> Dataset:
         raise ValueError(f"{cfg.path}: need at least 2 images to hold one out, found {len(full)}")
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     if split == "train":
-        return Subset(full, perm[n_val:])
+        train = Subset(full, perm[n_val:])
+        return train if cfg.train_size is None else _first(train, cfg.train_size, cfg.seed)
     return _first(Subset(full, perm[:n_val]), cfg.val_size, cfg.seed)
 
 
@@ -96,7 +101,7 @@ def _image_folder(
 
 
 def _first(data: Dataset, n: int, seed: int) -> Dataset:
-    """A fixed random subset of at most ``n`` items (the held-out sample used for metrics)."""
+    """A fixed random subset of at most ``n`` items, in their original order."""
     if len(data) <= n:
         return data
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 1))

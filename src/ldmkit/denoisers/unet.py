@@ -55,6 +55,9 @@ class UNetConfig:
             index ``num_classes`` being the "null" class for classifier-free guidance.
         vector_dim: SDXL-style vector conditioning (sgm's ``adm_in_channels``, 2816 for SDXL),
             embedded by ``label_emb.0`` (Linear-SiLU-Linear) and added to the time embedding.
+        attention_position_embedding: add a fixed 2-D sin-cos position embedding to the tokens
+            of every transformer (not in Stable Diffusion; see ``SpatialTransformer``). Small
+            models learn where "top left" is far sooner with it.
         dims: spatial dimensions (1, 2 or 3). In 3-D the first axis (frames) is never resampled,
             as in CompVis.
     """
@@ -77,6 +80,7 @@ class UNetConfig:
     num_classes: int | None = None
     vector_dim: int | None = None
     concat_channels: int = 0
+    attention_position_embedding: bool = False
     dims: int = 2
     norm_groups: int = 32
     dropout: float = 0.0
@@ -292,6 +296,7 @@ class UNet(nn.Module):
                 upcast=c.upcast_attention,
                 dims=c.dims,
                 norm_groups=c.norm_groups,
+                position_embedding=c.attention_position_embedding,
             )
 
         self.time_embed = TimestepMLP(c.model_channels, emb_dim)

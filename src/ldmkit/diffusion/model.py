@@ -8,7 +8,7 @@ registered sampler with classifier-free guidance on it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -45,6 +45,9 @@ class DiffusionModelConfig:
     num_classes: int | None = None
     class_names: list[str] | None = None
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"kind": "trained"})
+    # Also feed the prompt's pooled embedding to the network as its vector ``y`` (added to the
+    # time embedding, as SDXL does with pooled CLIP); the net's vector_dim is set to match.
+    pooled_text: bool = False
     # sampling defaults
     sampler: str = "dpmpp_2m"
     schedule: Literal["karras", "exponential", "discrete", "flow"] = "karras"
@@ -55,6 +58,8 @@ class DiffusionModelConfig:
     def validate(self) -> None:
         if self.conditioning == "class" and not self.num_classes:
             raise ValueError("conditioning=class needs num_classes")
+        if self.pooled_text and self.conditioning != "text":
+            raise ValueError("pooled_text needs conditioning=text")
         if self.parameterization == "flow" and self.schedule not in ("flow", "karras"):
             raise ValueError("a flow model samples on schedule=flow (or karras)")
         if self.schedule == "discrete" and self.parameterization in ("edm", "flow"):
@@ -77,12 +82,38 @@ def train_sigmas(cfg: DiffusionModelConfig) -> torch.Tensor:
     return schedules.vp_sigmas(schedules.alphas_cumprod(betas)).float()
 
 
+def _wire_conditioning(
+    cfg: DiffusionModelConfig, encoder: nn.Module | None
+) -> DiffusionModelConfig:
+    """``cfg`` with the network's label embedding matching the conditioning.
+
+    Class conditioning sets the net's ``num_classes``; ``pooled_text`` sets its ``vector_dim``
+    to the text encoder's pooled size. A net value that disagrees is an error.
+    """
+    net = cfg.net_config()
+    if cfg.conditioning == "class":
+        field_name, value = "num_classes", cfg.num_classes
+    elif cfg.pooled_text:
+        if encoder is None:
+            raise ValueError("pooled_text needs a text encoder")
+        field_name, value = "vector_dim", encoder.pooled_dim
+    else:
+        return cfg
+    current = getattr(net, field_name)
+    if current not in (None, value):
+        raise ValueError(
+            f"{cfg.network}.{field_name} is {current} but the conditioning needs {value}"
+        )
+    return replace(cfg, **{cfg.network: replace(net, **{field_name: value})})
+
+
 class DiffusionModel(nn.Module):
     """Denoiser plus (optionally) a jointly trained text encoder."""
 
     def __init__(self, config: DiffusionModelConfig, text_encoder: nn.Module | None = None):
         super().__init__()
         config.validate()
+        config = _wire_conditioning(config, text_encoder)
         self.config = config
         net_cfg = config.net_config()
         net: nn.Module = UNet(net_cfg) if config.network == "unet" else DiT(net_cfg)
@@ -113,7 +144,10 @@ class DiffusionModel(nn.Module):
             if texts is None:
                 raise ValueError("this model is text-conditional: give prompts")
             emb = self.encoder.encode(list(texts))
-            return {"crossattn": emb.tokens, "crossattn_mask": emb.mask}
+            cond = {"crossattn": emb.tokens, "crossattn_mask": emb.mask}
+            if cfg.pooled_text:
+                cond["vector"] = emb.pooled
+            return cond
         if cfg.conditioning == "class":
             if labels is None:
                 raise ValueError("this model is class-conditional: give class labels")

@@ -43,17 +43,38 @@ def evaluate_diffusion(
     sampler: str | None = None,
     guidance: float | None = None,
     seed: int = 0,
+    classifier: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Adherence for 1- and 2-object prompts (``n`` each, default 256); writes RUN/eval.json."""
+    """Evaluate a diffusion run and write RUN/eval.json.
+
+    Text-to-image on ``shapes``: verifier adherence for 1- and 2-object prompts (``n`` each,
+    default 256). Class-conditional runs on a labelled set: recognition by ``classifier`` (a
+    folder from ``ldmkit train classifier``) and Fréchet distances (``n`` samples per class,
+    default 100); see ``ldmkit.eval.class_conditional``.
+    """
     run = Path(run)
     recipe_path = run / "config.yaml"
     data = yaml.safe_load(recipe_path.read_text()).get("data", {}) if recipe_path.is_file() else {}
-    if data.get("name", "shapes") != "shapes":
-        raise ValueError(
-            f"{run} was trained on {data.get('name')!r}: automatic evaluation covers shapes text-to-image only"
-        )
     pipe = load_pipeline(run)
     options = {"steps": steps, "sampler": sampler, "guidance": guidance}
+    if pipe.config.conditioning == "class":
+        if classifier is None:
+            raise ValueError(
+                "a class-conditional run is judged by a classifier: pass --classifier DIR "
+                "(train one with `ldmkit train classifier configs/classifier/...`)"
+            )
+        from ldmkit.config import from_dict
+        from ldmkit.data.build import DataConfig
+        from ldmkit.eval.class_conditional import evaluate_class_conditional
+
+        return evaluate_class_conditional(
+            run, pipe, from_dict(DataConfig, data), classifier, n_per_class=n, seed=seed, **options
+        )
+    if data.get("name", "shapes") != "shapes" or pipe.config.conditioning != "text":
+        raise ValueError(
+            f"{run} was trained on {data.get('name')!r}: automatic evaluation covers shapes "
+            "text-to-image and class-conditional runs (with --classifier)"
+        )
     n = n or 256
     started = time.perf_counter()
     result: dict[str, Any] = {

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.nn.layers import conv_nd, group_norm
+from ldmkit.nn.embeddings import sincos_2d_position_embedding
+from ldmkit.nn.layers import conv_nd, group_norm, sdpa
 
 
 class Attention(nn.Module):
@@ -75,11 +76,9 @@ class Attention(nn.Module):
             attn_mask = mask.to(device=q.device, dtype=torch.bool)[:, None, None, :]
         if self.upcast and q.dtype != torch.float32:
             with torch.autocast(q.device.type, enabled=False):
-                out = F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=attn_mask
-                ).to(q.dtype)
+                out = sdpa(q.float(), k.float(), v.float(), attn_mask=attn_mask).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            out = sdpa(q, k, v, attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).reshape(b, x.shape[1], -1))
 
 
@@ -151,6 +150,11 @@ class SpatialTransformer(nn.Module):
     GroupNorm -> ``proj_in`` (1x1 conv, or Linear with ``use_linear`` as in SD 2.x/XL) ->
     ``depth`` BasicTransformerBlocks on the flattened tokens -> ``proj_out`` (zero-initialised,
     so the block starts as the identity) -> residual.
+
+    ``position_embedding`` (2-D only; not in Stable Diffusion, off by default) adds the fixed
+    sin-cos embedding of each token's grid position after ``proj_in``, as DiT does after
+    patchifying, so that attention (and so cross-attention to words like "top left") knows
+    where each token is instead of inferring it from the convolutions' zero padding.
     """
 
     def __init__(
@@ -165,10 +169,13 @@ class SpatialTransformer(nn.Module):
         upcast: bool = False,
         dims: int = 2,
         norm_groups: int = 32,
+        position_embedding: bool = False,
     ):
         super().__init__()
         inner = heads * dim_head
-        self.use_linear = use_linear
+        if position_embedding and (dims != 2 or inner % 4):
+            raise ValueError("position_embedding needs 2-D maps and heads * dim_head % 4 == 0")
+        self.use_linear, self.position_embedding = use_linear, position_embedding
         self.norm = group_norm(in_channels, norm_groups, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner)
@@ -196,6 +203,8 @@ class SpatialTransformer(nn.Module):
         h = h.flatten(2).transpose(1, 2)  # [B, C, *S] -> [B, L, C]
         if self.use_linear:
             h = self.proj_in(h)
+        if self.position_embedding:
+            h = h + sincos_2d_position_embedding(h.shape[-1], *spatial).to(h)
         for block in self.transformer_blocks:
             h = block(h, context, context_mask)
         if self.use_linear:
