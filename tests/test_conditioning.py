@@ -316,3 +316,35 @@ def test_cache_hits_disk_and_survives_a_new_instance(tmp_path, monkeypatch):
 def test_cache_refuses_trainable_encoder(tmp_path):
     with pytest.raises(ValueError, match="frozen encoder"):
         EmbeddingCache(tmp_path, "x").get_or_compute(["a"], _trained())
+
+
+def test_training_with_a_frozen_encoder_caches_its_embeddings(clip_dir, tmp_path):
+    import ldmkit
+    from conftest import tiny_recipe
+    from ldmkit.autoencoders.train import train_autoencoder
+    from ldmkit.config import from_dict
+    from ldmkit.diffusion.task import DiffusionRecipe
+    from ldmkit.diffusion.train import train_diffusion
+
+    train_autoencoder(tiny_recipe(tmp_path / "ae", train={"steps": 1}), progress=False)
+    unet = {"in_channels": 2, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+            "attention_levels": [1], "num_heads": 2, "norm_groups": 8, "context_dim": 32}  # fmt: skip
+    recipe = {
+        "run_dir": str(tmp_path / "ldm"),
+        "autoencoder": str(tmp_path / "ae"),
+        "model": {
+            "unet": unet,
+            "text_encoder": {"kind": "clip", "path": str(clip_dir)},
+            "pooled_text": True,
+            "steps": 2,
+        },
+        "data": {"name": "shapes", "image_size": 16, "train_size": 8, "val_size": 4},
+        "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "sample_every": 0},
+    }
+    train_diffusion(from_dict(DiffusionRecipe, recipe), progress=False)
+    shards = list((tmp_path / "ldm" / "text_cache").glob("*/*.safetensors"))
+    assert shards  # each caption was encoded once and stored
+    pipe = ldmkit.load_pipeline(tmp_path / "ldm")  # the pipeline runs the encoder itself
+    assert pipe.config.unet.vector_dim == 32  # the pooled size (CLIP width, no projection)
+    images = pipe("a red circle", steps=2, progress=False, output="tensor")
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

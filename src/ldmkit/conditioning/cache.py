@@ -113,3 +113,25 @@ class EmbeddingCache:
             with safe_open(str(path), framework="pt") as f:
                 for k in shard_keys:
                     rows[k] = tuple(f.get_tensor(f"{k}.{field}") for field in _FIELDS)
+
+
+class CachedTextEncoder:
+    """A frozen text encoder whose ``encode`` goes through an ``EmbeddingCache`` on disk.
+
+    Training with a frozen encoder wraps it in this, so each caption is encoded once per run
+    (``RUN/text_cache``) instead of once per step; it has the encoder's interface
+    (``encode``, ``dim``, ``pooled_dim``, ``max_length``, ``spec``, ``trainable=False``).
+    """
+
+    trainable = False
+
+    def __init__(self, encoder: nn.Module, root: str | Path):
+        if getattr(encoder, "trainable", True):
+            raise ValueError("CachedTextEncoder needs a frozen encoder (trainable=False)")
+        self.encoder = encoder
+        self.cache = EmbeddingCache(root, encoder.encoder_id)
+        self.dim, self.pooled_dim = encoder.dim, encoder.pooled_dim
+        self.max_length, self.spec = encoder.max_length, encoder.spec
+
+    def encode(self, texts: list[str]) -> TextEmbedding:
+        return self.cache.get_or_compute(list(texts), self.encoder)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ldmkit.autoencoders.base import AutoencoderBase
 from ldmkit.autoencoders.kl import AutoencoderKL
 from ldmkit.autoencoders.task import load_autoencoder
+from ldmkit.conditioning.cache import CachedTextEncoder
 from ldmkit.config import to_dict
 from ldmkit.data.build import DataConfig, build_dataset
 from ldmkit.diffusion.model import DiffusionModel, DiffusionModelConfig
@@ -127,6 +128,10 @@ class DiffusionTask(Task):
                 ).vocab  # vocabulary of the captions
                 model_cfg = replace(model_cfg, text_encoder=spec)
             encoder = load_text_encoder(spec)
+            if not encoder.trainable:  # frozen: encode each caption once per run
+                encoder = CachedTextEncoder(
+                    encoder, Path(recipe.run_dir).expanduser() / "text_cache"
+                )
         if model_cfg.conditioning == "class" and model_cfg.num_classes is None:
             model_cfg = replace(model_cfg, num_classes=int(train.labels.max()) + 1)
         self.model = DiffusionModel(model_cfg, encoder)
