@@ -17,7 +17,7 @@ variates are made from normals through the normal CDF. Losses are computed in fl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -52,7 +52,8 @@ class DiffusionObjectiveConfig:
     std of a per-channel constant added to the noise (Guttenberg 2023).
     """
 
-    parameterization: Literal["eps", "v", "x0", "edm", "flow"] = "eps"
+    # None: the model's (a recipe's objective follows its model.parameterization)
+    parameterization: Literal["eps", "v", "x0", "edm", "flow"] | None = None
     noise_sampling: Literal["uniform_t", "lognormal", "logit_normal"] = "uniform_t"
     p_mean: float = -1.2
     p_std: float = 1.2
@@ -66,6 +67,9 @@ class DiffusionObjectiveConfig:
     loss: Literal["l2", "l1"] = "l2"
 
     def validate(self) -> None:
+        self._validate_common()
+        if self.parameterization is None:  # checked again once the model's is known
+            return
         allowed = ALLOWED_SAMPLING[self.parameterization]
         if self.noise_sampling not in allowed:
             hint = {
@@ -80,6 +84,8 @@ class DiffusionObjectiveConfig:
             )
         if self.time_shift != 1.0 and self.parameterization != "flow":
             raise ValueError("time_shift applies to parameterization='flow' only")
+
+    def _validate_common(self) -> None:
         for name in ("p_std", "logit_std", "time_shift", "min_snr_gamma"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -89,13 +95,17 @@ class DiffusionObjectiveConfig:
             raise ValueError(f"offset_noise must be >= 0, got {self.offset_noise}")
 
 
-def _check(denoiser: Denoiser, cfg: DiffusionObjectiveConfig) -> None:
+def _check(denoiser: Denoiser, cfg: DiffusionObjectiveConfig) -> DiffusionObjectiveConfig:
+    """``cfg`` for ``denoiser`` (parameterization filled in when unset), validated."""
+    if cfg.parameterization is None:
+        cfg = replace(cfg, parameterization=denoiser.parameterization)
     cfg.validate()
     if denoiser.parameterization != cfg.parameterization:
         raise ValueError(
             f"config parameterization {cfg.parameterization!r} but the denoiser is "
             f"{denoiser.parameterization!r}"
         )
+    return cfg
 
 
 def sample_sigmas(
@@ -115,7 +125,7 @@ def sample_sigmas(
     - flow: ``uniform_t`` t ~ U(0, 1) (Liu et al. 2022); ``logit_normal`` (SD3 §3.1) and
       ``lognormal`` are the same family, since ``ln sigma = logit t``; then ``sigma *= time_shift``.
     """
-    _check(denoiser, cfg)
+    cfg = _check(denoiser, cfg)
     z = randn([batch], generator, dtype=torch.float64)
     if isinstance(denoiser, DiscreteVPDenoiser):
         n = denoiser.num_timesteps
@@ -191,7 +201,7 @@ def diffusion_loss(
     ``logs`` holds detached scalars ``loss`` and ``loss_unweighted`` (plain network-space
     loss). The noise is ``n + offset_noise * m`` with ``m`` constant over each channel.
     """
-    _check(denoiser, cfg)
+    cfg = _check(denoiser, cfg)
     x0 = x0.float()
     batch, device = x0.shape[0], x0.device
     sigma = sample_sigmas(denoiser, batch, generator, cfg, device=device)

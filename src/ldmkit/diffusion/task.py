@@ -47,9 +47,14 @@ class DiffusionRecipe:
     preview_steps: int = 20
 
     def validate(self) -> None:
-        if self.objective.parameterization != self.model.parameterization:
-            # the objective follows the model's parameterization
-            self.objective = replace(self.objective, parameterization=self.model.parameterization)
+        model_kind, objective_kind = self.model.parameterization, self.objective.parameterization
+        if objective_kind not in (None, model_kind):
+            raise ValueError(
+                f"objective.parameterization is {objective_kind!r} but model.parameterization is "
+                f"{model_kind!r}; leave the objective's unset: it follows the model"
+            )
+        self.objective = replace(self.objective, parameterization=model_kind)
+        self.objective.validate()  # the checks that depend on the parameterization
         if self.data.name == "shapes" and self.data.train_size is None:
             raise ValueError("data.train_size must be set: latents are cached for a finite set")
 
