@@ -145,3 +145,22 @@ def test_sample_and_eval_from_the_command_line(pipeline_run, capsys):
     assert result["1_object"]["n"] == 2 and 0.0 <= result["2_object"]["accuracy"] <= 1.0
     assert main(["sample", run, "--out", str(grid)]) == 2  # no prompt for a text model
     assert "text-conditional" in capsys.readouterr().err
+
+
+def test_recipes_load_and_the_objective_follows_the_model():
+    from pathlib import Path
+
+    from ldmkit.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in [*sorted((root / "diffusion").glob("*.yaml")), root / "demo" / "t2i.yaml"]:
+        recipe = load_config(DiffusionRecipe, path, ["data.path=/somewhere"])
+        assert recipe.objective.parameterization == recipe.model.parameterization
+    unet = root / "diffusion" / "t2i_shapes_unet.yaml"
+    assert load_config(DiffusionRecipe, unet).objective.time_shift == 3.0  # flow-only option
+    with pytest.raises((ConfigError, ValueError), match="follows the model"):
+        load_config(
+            DiffusionRecipe, unet, ["objective.parameterization=eps", "objective.time_shift=1.0"]
+        )
+    with pytest.raises((ConfigError, ValueError), match="time_shift"):
+        load_config(DiffusionRecipe, unet, ["model.parameterization=eps", "model.schedule=karras"])
