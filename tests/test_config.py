@@ -78,8 +78,12 @@ def test_recipe_files_load_and_validate(tmp_path):
     files = sorted(glob.glob("configs/**/*.yaml", recursive=True))
     assert files, "no recipes found in configs/"
     for path in files:
-        if "/diffusion/" in path:
-            recipe = load_config(DiffusionRecipe, path)
+        if "/classifier/" in path:
+            from ldmkit.eval.class_conditional import ClassifierRecipe
+
+            load_config(ClassifierRecipe, path).validate()
+        elif "/diffusion/" in path or path.endswith("demo/t2i.yaml"):
+            recipe = load_config(DiffusionRecipe, path, ["data.path=/tmp"])
             assert recipe.objective.parameterization == recipe.model.parameterization
         else:
             recipe = load_config(AutoencoderRecipe, path, ["data.path=/tmp"])
