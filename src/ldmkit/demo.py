@@ -97,11 +97,11 @@ def _text_to_image(out: Path, ae_dir: Path, config: Path, n_eval: int) -> dict[s
     pipe = load_pipeline(t2i_dir)
     images = pipe(DEMO_PROMPTS, seed=0, output="tensor", progress=False)
     make_grid(images, nrow=len(DEMO_PROMPTS)).save(out / "samples.png")
-    sampling = {"sampler": pipe.config.sampler, "steps": pipe.config.steps}
     result: dict[str, Any] = {
         "run": str(t2i_dir),
         **_read_json(t2i_dir / "metrics.json"),
-        **sampling,
+        "sampler": pipe.config.sampler,
+        "steps": pipe.config.steps,
         "guidance": pipe.config.guidance,
         "prompts": DEMO_PROMPTS,
     }

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ldmkit.config import load_config, save_yaml, to_dict
 from ldmkit.data.build import DataConfig, build_dataset
@@ -55,15 +55,12 @@ class ClassifierRecipe:
             )
 
 
-def _images_labels(data: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _images_labels(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for batch in DataLoader(data, batch_size=512):
         images.append(batch["image"])
         labels.append(torch.as_tensor(batch["label"]))
-        if limit is not None and sum(len(x) for x in images) >= limit:
-            break
-    images_t, labels_t = torch.cat(images), torch.cat(labels)
-    return (images_t, labels_t) if limit is None else (images_t[:limit], labels_t[:limit])
+    return torch.cat(images), torch.cat(labels)
 
 
 def train_judge(
@@ -127,7 +124,9 @@ def class_conditional_metrics(
 
     test_images, _ = _images_labels(build_dataset(_all_of(data), "val"))
     _, test_features = predict(classifier, test_images)
-    train_images, _ = _images_labels(_shuffled(build_dataset(data, "train"), seed), len(labels))
+    train_images, _ = _images_labels(
+        _random_subset(build_dataset(data, "train"), len(labels), seed)
+    )
     _, train_features = predict(classifier, train_images)
     return {
         "recognition": float(correct.float().mean()),
@@ -144,19 +143,10 @@ def _all_of(data: DataConfig) -> DataConfig:
     return replace(data, val_size=10**9)
 
 
-class _Shuffled(Dataset):
-    def __init__(self, data: Dataset, order: torch.Tensor):
-        self.data, self.order = data, order
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.data[int(self.order[i])]
-
-
-def _shuffled(data: Dataset, seed: int) -> Dataset:
-    return _Shuffled(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)))
+def _random_subset(data: Dataset, n: int, seed: int) -> Dataset:
+    """``n`` items of ``data`` drawn at random (without replacement) from ``seed``."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return Subset(data, order[:n].tolist())
 
 
 def evaluate_class_conditional(
