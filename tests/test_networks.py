@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldmkit.denoisers.dit import DiT, DiTConfig
-from ldmkit.denoisers.unet import UNet, UNetConfig
+from ldmkit.denoisers.unet import UNet, UNetConfig, Upsample
 from ldmkit.nn.attention import Attention
 from ldmkit.nn.embeddings import sincos_2d_position_embedding, timestep_embedding
 
@@ -82,8 +82,19 @@ def test_unet_shapes(size):
     assert model(x, t, ctx).shape == x.shape
 
 
-def test_unet_rejects_sizes_not_multiple_of_downsampling():
-    model = tiny_unet(channel_mult=(1, 2, 2))
+def test_unet_any_size_upsamples_to_the_skip_size():
+    # 10 -> 5 -> 3 on the way down; the decoder upsamples 3 -> 5 -> 10 to match the skips
+    model = randomize(tiny_unet(channel_mult=(1, 2, 2)))
+    x = inputs(1, 3, 8, 10)[0]
+    assert model(x, torch.tensor([3.0])).shape == x.shape
+    # for multiples of 4 the explicit size is exactly scale-factor-2 upsampling
+    up = next(m for m in model.modules() if isinstance(m, Upsample))
+    h = torch.randn(1, up.conv.in_channels, 3, 4)
+    assert torch.equal(up(h), up(h, (6, 8)))
+
+
+def test_unet_resblock_updown_rejects_sizes_not_multiple_of_downsampling():
+    model = tiny_unet(channel_mult=(1, 2, 2), resblock_updown=True)
     with pytest.raises(ValueError, match="multiple of 4"):
         model(*inputs(1, 3, 8, 10))
 

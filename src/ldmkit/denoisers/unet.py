@@ -15,7 +15,9 @@ means (eps, v, x0, flow velocity) is decided by the parameterization wrapper aro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -159,10 +161,15 @@ class Upsample(nn.Module):
         self.dims = dims
         self.conv = conv_nd(dims, channels, channels, 3, padding=1) if use_conv else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = _scale_only_spatial(self.dims)
-        factor = scale if isinstance(scale, int) else tuple(float(s) for s in scale)
-        x = F.interpolate(x, scale_factor=factor, mode="nearest")
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        """``size``: the exact output size, for inputs that were not multiples of 2 on the way
+        down (the skip connection's size; diffusers' ``upsample_size``)."""
+        if size is not None:
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        else:
+            scale = _scale_only_spatial(self.dims)
+            factor = scale if isinstance(scale, int) else tuple(float(s) for s in scale)
+            x = F.interpolate(x, scale_factor=factor, mode="nearest")
         return x if self.conv is None else self.conv(x)
 
 
@@ -245,12 +252,15 @@ class TimestepEmbedSequential(nn.Sequential):
         emb: torch.Tensor,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        upsample_size: Sequence[int] | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, context_mask)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -374,10 +384,11 @@ class UNet(nn.Module):
             )
         f = c.downsampling_factor
         spatial = x.shape[3:] if c.dims == 3 else x.shape[2:]  # frames are not resampled
-        if any(s % f for s in spatial):
+        if c.resblock_updown and any(s % f for s in spatial):
             raise ValueError(
                 f"spatial size {tuple(x.shape[2:])} must be a multiple of {f} "
-                f"(2 ** (levels - 1)) for a UNet with {len(c.channel_mult)} levels"
+                f"(2 ** (levels - 1)) for a UNet with {len(c.channel_mult)} levels and "
+                "resblock_updown (its pooling floors odd sizes)"
             )
         if c.context_dim is None and context is not None:
             raise ValueError("context given but the UNet has no cross-attention (context_dim)")
@@ -388,7 +399,7 @@ class UNet(nn.Module):
         if c.vector_dim is not None and y is None:
             raise ValueError(f"this UNet needs a vector y [B, {c.vector_dim}]")
 
-    def _run(self, block: nn.Module, h: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, block: nn.Module, h: torch.Tensor, *args: Any) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, *args, use_reentrant=False)
         return block(h, *args)
@@ -430,5 +441,8 @@ class UNet(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context, context_mask)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # an Upsample goes to the next skip's size: odd sizes were rounded up on the way down
+            size = tuple(skips[-1].shape[2:]) if skips else None
+            h = self._run(block, h, emb, context, context_mask, size)
         return self.out(h)
