@@ -44,8 +44,24 @@ psnr.json into --out.""",
       --sampler euler_ancestral --steps 50 --guidance 5 --out samples/
   ldmkit sample runs/class_fashion_mnist --class-label 3 --n 16 --out dresses.png
 
+Stable Diffusion 1.x / 2.x / XL checkpoints (a .safetensors file or a diffusers folder):
+  ldmkit sample --checkpoint v1-5-pruned-emaonly.safetensors --prompt "a watercolor fox" \
+      --steps 25 --sampler dpmpp_2m --guidance 7.5 --out fox.png
+  ldmkit sample --checkpoint sd_xl_base_1.0.safetensors --prompt "a lighthouse" --dtype bf16 \
+      --height 768 --width 1024 --out lighthouse.png
+
 Image k is drawn from its own generator seeded SEED+k: the same seed gives the same image
-whatever --n or the number of prompts.""",
+whatever --n or the number of prompts (and, for image 0, the same initial noise as diffusers
+with torch.Generator().manual_seed(SEED)).""",
+    "convert": """examples:
+  ldmkit convert v1-5-pruned-emaonly.safetensors sd15-diffusers --to diffusers
+  ldmkit convert sd15-diffusers sd15.safetensors --to single-file
+  ldmkit convert sd15.safetensors sd15-ldmkit --to ldmkit
+  ldmkit convert 768-v-ema.ckpt sd21v.safetensors --to single-file --allow-pickle --family sd2-v
+
+The family (sd1, sd1-inpaint, sd2, sd2-v, sd2-inpaint, sdxl, sdxl-inpaint) is detected from the
+weights' keys and shapes; SD 2.x files do not say whether they predict eps or v, so pass
+--prediction (or --family) when the guess (v, 768 px) is wrong. Nothing is downloaded.""",
     "dataset": """examples:
   ldmkit dataset preview shapes --out shapes.png
   ldmkit dataset preview shapes --out shapes64.png --image-size 64 --n 16
@@ -126,7 +142,13 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["sample"],
         formatter_class=fmt,
     )
-    s.add_argument("run", help="diffusion run folder")
+    s.add_argument("run", nargs="?", default=None, help="diffusion run folder")
+    s.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a Stable Diffusion checkpoint instead of a run: .safetensors file, diffusers "
+        "folder or ldmkit export",
+    )
     s.add_argument("--prompt", action="append", default=None, help="prompt (repeat for several)")
     s.add_argument("--negative-prompt", default=None)
     s.add_argument(
@@ -147,6 +169,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--height", type=int, default=None)
     s.add_argument("--width", type=int, default=None)
+    _checkpoint_options(s)
+    s.add_argument(
+        "--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (checkpoints)"
+    )
+
+    c = sub.add_parser(
+        "convert",
+        help="convert Stable Diffusion checkpoints between formats",
+        epilog=EXAMPLES["convert"],
+        formatter_class=fmt,
+    )
+    c.add_argument("input", help="a .safetensors/.ckpt file, a diffusers folder or ldmkit export")
+    c.add_argument("output", help="the file (single-file) or new folder to write")
+    c.add_argument("--to", required=True, choices=["diffusers", "single-file", "ldmkit"])
+    _checkpoint_options(c)
 
     r = sub.add_parser(
         "reconstruct",
@@ -194,6 +231,34 @@ def _parser() -> argparse.ArgumentParser:
         "--n-eval", type=int, default=64, help="prompts per adherence group (1 and 2 objects)"
     )
     return p
+
+
+def _checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--family",
+        default=None,
+        choices=["sd1", "sd1-inpaint", "sd2", "sd2-v", "sd2-inpaint", "sdxl", "sdxl-inpaint"],
+        help="checkpoints: override the detected model family",
+    )
+    p.add_argument("--prediction", default=None, choices=["eps", "v"], help="override eps/v")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp16"],
+        help="checkpoints: UNet/text encoder precision (sample: fp32 by default; convert: as "
+        "stored); the VAE stays fp32 when sampling",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="permit .ckpt/.pt/.bin files (read with torch.load(weights_only=True))",
+    )
+
+
+def _dtype(name: str | None):  # noqa: ANN202 - torch imported lazily
+    import torch
+
+    return {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -257,21 +322,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ldmkit.data.transforms import make_grid
     from ldmkit.pipelines import load_pipeline
 
-    pipe = load_pipeline(args.run)
-    images = pipe(
-        args.prompt,
-        class_labels=args.class_label,
-        negative_prompt=args.negative_prompt,
-        num_images_per_prompt=args.n,
-        steps=args.steps,
-        sampler=args.sampler,
-        schedule=args.schedule,
-        guidance=args.guidance,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        output="tensor",
-    )
+    if (args.run is None) == (args.checkpoint is None):
+        raise ValueError("pass either a run folder or --checkpoint PATH")
+    if args.checkpoint is not None:
+        images = _sample_checkpoint(args)
+    else:
+        images = load_pipeline(args.run)(
+            args.prompt,
+            class_labels=args.class_label,
+            negative_prompt=args.negative_prompt,
+            num_images_per_prompt=args.n,
+            steps=args.steps,
+            sampler=args.sampler,
+            schedule=args.schedule,
+            guidance=args.guidance,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            output="tensor",
+        )
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +352,53 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for k, img in enumerate(torch.unbind(images)):
             to_pil(img).save(out / f"{k:04d}_seed{args.seed + k}.png")
     print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def _sample_checkpoint(args: argparse.Namespace):  # noqa: ANN202
+    import torch
+
+    from ldmkit.interop.load import load_stable_diffusion
+
+    if not args.prompt:
+        raise ValueError("Stable Diffusion checkpoints need --prompt")
+    pipe = load_stable_diffusion(
+        args.checkpoint,
+        family=args.family,
+        prediction=args.prediction,
+        dtype=_dtype(args.dtype) or torch.float32,
+        allow_pickle=args.allow_pickle,
+    )
+    print(f"loaded {args.checkpoint}: {pipe.family.description}", file=sys.stderr)
+    return pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_images_per_prompt=args.n,
+        steps=args.steps or 30,
+        sampler=args.sampler or "dpmpp_2m",
+        schedule=args.schedule or "diffusers",
+        guidance=7.5 if args.guidance is None else args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        output="tensor",
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ldmkit.interop.convert import convert
+
+    out = convert(
+        args.input,
+        args.output,
+        to=args.to,
+        family=args.family,
+        prediction=args.prediction,
+        dtype=_dtype(args.dtype),
+        allow_pickle=args.allow_pickle,
+    )
+    print(f"wrote {out}")
     return 0
 
 
@@ -337,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "reconstruct": cmd_reconstruct,
         "sample": cmd_sample,
+        "convert": cmd_convert,
         "dataset": cmd_dataset,
         "demo": cmd_demo,
     }

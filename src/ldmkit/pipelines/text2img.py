@@ -130,9 +130,22 @@ class LatentDiffusionPipeline:
         return negatives
 
 
-def load_pipeline(path: str | Path) -> LatentDiffusionPipeline:
-    """A pipeline from an ldmkit diffusion run folder (weights never unpickled)."""
+def load_pipeline(path: str | Path, **options: Any) -> Any:
+    """A pipeline from an ldmkit diffusion run folder, or from a Stable Diffusion checkpoint.
+
+    A run folder gives a :class:`LatentDiffusionPipeline`. A single checkpoint file, a diffusers
+    folder (``model_index.json``) or an ldmkit SD export gives a
+    :class:`ldmkit.interop.pipeline.StableDiffusionPipeline`; ``options`` go to
+    :func:`ldmkit.interop.load.load_stable_diffusion` (``family``, ``prediction``, ``dtype``,
+    ``vae_dtype``, ``allow_pickle``). Weights are never unpickled unless asked.
+    """
+    from ldmkit.interop.load import is_stable_diffusion_path, load_stable_diffusion
+
     path = Path(path)
+    if is_stable_diffusion_path(path):
+        return load_stable_diffusion(path, **options)
+    if options:
+        raise TypeError(f"options {sorted(options)} apply to Stable Diffusion checkpoints only")
     weights, meta = load_model_files(path)
     if meta.get("kind") != "diffusion":
         raise ValueError(f"{path} holds a {meta.get('kind')!r} model, not a diffusion model")
