@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0 numpy
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
+	# only for its CLIP BPE vocabulary file (the package declares torchvision, never installed)
+	$(BIN)/pip install -q --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
 install: $(STAMP)

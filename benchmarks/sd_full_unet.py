@@ -1,0 +1,111 @@
+"""Load a full-size Stable Diffusion 1.5-layout UNet (random weights) and run one step.
+
+Writes a 3.4 GB fp32 single-file UNet with SD 1.5's real layout (860M parameters) once, then,
+in a fresh process, measures how long ``ldmkit.interop.load.load_unet`` takes, the peak
+resident memory of that process against the size of the weights (the loader is built to hold
+one copy: tensors are read straight into their final memory and assigned to a meta-device
+module), and the time of one UNet evaluation at batch 2 (classifier-free guidance) on 256 px
+images (32x32 latents).
+
+    python benchmarks/sd_full_unet.py [--file /tmp/sd15_unet.safetensors] [--threads 2]
+
+Results go to benchmarks/results/sd_full_unet.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+SD15_UNET = dict(
+    in_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+    attention_levels=(0, 1, 2), num_heads=8, transformer_depth=1, context_dim=768,
+)  # fmt: skip
+
+
+def write_weights(path: Path) -> None:
+    import torch
+
+    from ldmkit.denoisers.unet import UNet, UNetConfig
+    from ldmkit.interop.files import write_safetensors
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(**SD15_UNET))
+    with torch.no_grad():  # the zero-initialised output layers get random weights too
+        for p in unet.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    write_safetensors(state, path, metadata={"format": "pt"})
+
+
+def measure(path: Path, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from ldmkit.interop.load import load_unet
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t0 = time.perf_counter()
+    unet = load_unet(path, family="sd1")
+    load_s = time.perf_counter() - t0
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    n_params = sum(p.numel() for p in unet.parameters())
+    weights_gb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**30
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=g)
+    ctx = torch.randn(2, 77, 768, generator=g)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = unet(x, torch.tensor([500, 500]), ctx)
+        step_s = time.perf_counter() - t0
+    rss_step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {
+        "parameters": n_params,
+        "weights_gib": round(weights_gb, 3),
+        "load_s": round(load_s, 2),
+        "peak_rss_after_import_gib": round(rss0, 3),
+        "peak_rss_after_load_gib": round(rss_load, 3),
+        "load_overhead_gib": round(rss_load - rss0 - weights_gb, 3),
+        "step_batch2_256px_s": round(step_s, 2),
+        "peak_rss_after_step_gib": round(rss_step, 3),
+        "output_finite": bool(torch.isfinite(out).all()),
+        "threads": threads,
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--file", type=Path, default=Path("/tmp/sd15_unet_random.safetensors"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.file, args.threads)))
+        return
+    if not args.file.is_file():
+        print(f"writing random SD 1.5-layout UNet weights to {args.file} ...", file=sys.stderr)
+        write_weights(args.file)
+    cmd = [sys.executable, __file__, "--child", "--file", str(args.file)]
+    cmd += ["--threads", str(args.threads)]
+    result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    result["file_gib"] = round(args.file.stat().st_size / 2**30, 3)
+    result["date"] = time.strftime("%Y-%m-%d")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sd_full_unet.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = "\n".join(f"| {k} | {v} |" for k, v in result.items())
+    table = f"| measure | value |\n|---|---|\n{rows}\n"
+    (RESULTS / "sd_full_unet.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

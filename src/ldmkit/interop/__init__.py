@@ -1,0 +1,1 @@
+"""Interoperability: Stable Diffusion single-file checkpoints, diffusers folders, CLIP."""

@@ -1,0 +1,265 @@
+"""Stable Diffusion 1.x / 2.x / XL text-to-image with ldmkit's networks, samplers and guidance.
+
+The pipeline holds ldmkit's own ``UNet`` and ``AutoencoderKL`` (weights mapped one-to-one) and
+Hugging Face CLIP text encoders, and runs any ldmkit sampler through the denoiser contract:
+``GridTimestepDenoiser`` (eps or v parameterization on the checkpoint's discrete schedule) ->
+``CFGDenoiser`` (one batched call for both branches) -> ``SAMPLERS[name]``. With
+``schedule="diffusers"`` (default) the sigma grid, the UNet timesteps and the initial noise
+scale are those diffusers' scheduler for the same sampler would use, so the same seed, sampler,
+steps and guidance give the same latents as diffusers' pipelines (see ``schedulers.py``).
+
+Prompt encoding follows diffusers' ``encode_prompt``: SD 1.x/2.x use the (already
+penultimate-trimmed, for 2.x) text encoder's last hidden state after the final layer norm;
+SDXL concatenates both encoders' penultimate hidden states (no final norm), takes the second
+encoder's projected EOS state as pooled text, and appends the micro-conditioning (original
+size, crop top-left, target size), each embedded sinusoidally in 256 channels (Podell et al.
+2023, Sec. 2.2), to form the UNet's vector input ``y``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ldmkit.autoencoders.kl import AutoencoderKL
+from ldmkit.data.transforms import to_pil
+from ldmkit.denoisers.unet import UNet
+from ldmkit.diffusion.schedules import get_sigmas
+from ldmkit.interop.schedulers import (
+    GridTimestepDenoiser,
+    SchedulerConfig,
+    diffusers_grid,
+    train_sigmas,
+)
+from ldmkit.nn.embeddings import timestep_embedding
+from ldmkit.samplers import CFGDenoiser, get_sampler
+from ldmkit.utils.random import randn
+
+SIZE_EMBED_DIM = 256  # SDXL's addition_time_embed_dim
+
+
+class _CastNet(nn.Module):
+    """Runs the UNet in its own dtype (bf16/fp16) and returns float32 to the denoiser."""
+
+    def __init__(self, unet: UNet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        kw = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in kw.items()}  # fmt: skip
+        return self.unet(x.to(dtype), t, **kw).float()
+
+
+class StableDiffusionPipeline:
+    """``pipe(prompt, steps=30, sampler="dpmpp_2m", guidance=7.5, seed=0) -> [PIL images]``.
+
+    Parts are reachable as ``pipe.unet`` (ldmkit ``UNet``, called ``unet(x, t, context, y)``),
+    ``pipe.vae`` (ldmkit ``AutoencoderKL``), ``pipe.text_encoder`` / ``pipe.text_encoder_2``
+    (transformers CLIP models), ``pipe.tokenizer`` / ``pipe.tokenizer_2`` and
+    ``pipe.scheduler`` (:class:`SchedulerConfig`). ``family`` is the detected
+    :class:`ldmkit.interop.detect.Family`.
+    """
+
+    def __init__(
+        self,
+        *,
+        unet: UNet,
+        vae: AutoencoderKL,
+        text_encoders: Sequence[nn.Module],
+        tokenizers: Sequence[Any],
+        encoder_specs: Sequence[Any],
+        family: Any,
+        scheduler: SchedulerConfig,
+        force_zeros_for_empty_prompt: bool | None = None,
+        extras: dict[str, torch.Tensor] | None = None,
+        source: str = "",
+    ):
+        if len(text_encoders) != len(tokenizers) or len(text_encoders) != len(encoder_specs):
+            raise ValueError("need one tokenizer and one spec per text encoder")
+        self.unet, self.vae = unet.eval(), vae.eval()
+        self.text_encoders = [te.eval() for te in text_encoders]
+        self.tokenizers, self.encoder_specs = list(tokenizers), list(encoder_specs)
+        self.family, self.scheduler = family, scheduler
+        self.force_zeros_for_empty_prompt = (
+            family.size_conditioning
+            if force_zeros_for_empty_prompt is None
+            else force_zeros_for_empty_prompt
+        )
+        self.extras = extras or {}  # tensors of the source file with no place in these parts
+        self.source = source
+        self.denoiser = GridTimestepDenoiser(
+            _CastNet(self.unet), train_sigmas(scheduler), prediction=scheduler.prediction
+        )
+
+    # -- parts ------------------------------------------------------------------------------
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.text_encoders[0]
+
+    @property
+    def text_encoder_2(self) -> nn.Module | None:
+        return self.text_encoders[1] if len(self.text_encoders) > 1 else None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0]
+
+    @property
+    def tokenizer_2(self) -> Any:
+        return self.tokenizers[1] if len(self.tokenizers) > 1 else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, dtype: torch.dtype, *, vae_dtype: torch.dtype = torch.float32):
+        """Cast the UNet and text encoders to ``dtype``; the VAE stays in ``vae_dtype`` (fp32:
+        the SD VAE overflows in fp16 and gives black images)."""
+        self.unet.to(dtype)
+        for te in self.text_encoders:
+            te.to(dtype)
+        self.vae.to(vae_dtype)
+        return self
+
+    # -- conditioning -----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token states [B, 77, context_dim], pooled text [B, P] or None) as diffusers does."""
+        from ldmkit.interop.clip import encode_prompt_hidden
+
+        states, pooled = [], None
+        for te, tok, spec in zip(
+            self.text_encoders, self.tokenizers, self.encoder_specs, strict=True
+        ):
+            ids = tok(
+                list(prompts),
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            hidden, proj = encode_prompt_hidden(te, ids, spec.layer, spec.final_norm)
+            states.append(hidden.float())
+            if spec.with_projection:
+                pooled = proj.float()
+        return torch.cat(states, dim=-1), pooled
+
+    def _size_vector(
+        self, pooled: torch.Tensor, sizes: tuple[int, int, int, int, int, int]
+    ) -> torch.Tensor:
+        """SDXL's ``y``: pooled text, then the six size/crop values embedded in 256 channels."""
+        ids = torch.tensor(sizes, dtype=torch.float32)
+        emb = timestep_embedding(ids, SIZE_EMBED_DIM).reshape(1, -1)
+        return torch.cat([pooled, emb.expand(pooled.shape[0], -1)], dim=1)
+
+    def _conditions(
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        sizes: tuple[int, int, int, int, int, int],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        context, pooled = self.encode_prompt(prompts)
+        zero_uncond = negatives is None and self.force_zeros_for_empty_prompt
+        if zero_uncond:  # SDXL: "force_zeros_for_empty_prompt"
+            u_context = torch.zeros_like(context)
+            u_pooled = None if pooled is None else torch.zeros_like(pooled)
+        else:
+            u_context, u_pooled = self.encode_prompt(negatives or [""] * len(prompts))
+        cond, uncond = {"crossattn": context}, {"crossattn": u_context}
+        if self.unet.config.vector_dim is not None:
+            if pooled is None:
+                raise ValueError("this UNet needs pooled text, but no text encoder projects it")
+            cond["vector"] = self._size_vector(pooled, sizes)
+            uncond["vector"] = self._size_vector(u_pooled, sizes)
+        return cond, uncond
+
+    # -- sampling ---------------------------------------------------------------------------
+    def sigmas(self, sampler: str, steps: int, schedule: str) -> tuple[torch.Tensor, float, Any]:
+        """(grid, initial noise scale, diffusers Grid or None) for ``schedule``."""
+        if schedule == "diffusers":
+            grid = diffusers_grid(self.scheduler, sampler, steps)
+            return grid.sigmas, grid.init_noise_scale, grid
+        d = self.denoiser
+        sigmas = get_sigmas(schedule, steps, sigma_min=d.sigma_min, sigma_max=d.sigma_max)
+        return sigmas, float(sigmas[0]), None
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        steps: int = 30,
+        sampler: str = "dpmpp_2m",
+        schedule: str = "diffusers",
+        guidance: float = 7.5,
+        guidance_rescale: float = 0.0,
+        negative_prompt: str | Sequence[str] | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = True,
+        output: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
+        """Sample; ``output`` is "pil", "tensor" ([N, 3, H, W] in [-1, 1]) or "latent".
+
+        Image ``k`` uses its own CPU generator seeded ``seed + k``: image 0 starts from exactly
+        the noise diffusers draws with ``torch.Generator().manual_seed(seed)``, and no image
+        depends on the batch size.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("pass at least one prompt")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = None
+        if negative_prompt is not None:
+            negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negs) == 1:
+                negs = negs * (len(prompts) // num_images_per_prompt)
+            if len(negs) * num_images_per_prompt != len(prompts):
+                raise ValueError(f"got {len(negs)} negative prompts for {len(prompts)} prompts")
+            negatives = [n for n in negs for _ in range(num_images_per_prompt)]
+        if output not in ("pil", "tensor", "latent"):
+            raise ValueError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
+        f = self.vae.downsampling_factor
+        height = height or self.family.image_size
+        width = width or self.family.image_size
+        if height % f or width % f or height < f or width < f:
+            raise ValueError(f"height and width must be positive multiples of {f}, got "
+                             f"{height}x{width}")  # fmt: skip
+        sizes = (*(original_size or (height, width)), *crops_coords_top_left,
+                 *(target_size or (height, width)))  # fmt: skip
+        cond, uncond = self._conditions(prompts, negatives, sizes)
+
+        sigmas, init_scale, grid = self.sigmas(sampler, steps, schedule)
+        self.denoiser.use_grid(grid)
+        space = "v" if self.scheduler.prediction == "v" else "eps"
+        denoise = CFGDenoiser(self.denoiser, cond, uncond, guidance,
+                              rescale=guidance_rescale, rescale_space=space)  # fmt: skip
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(len(prompts))]
+        shape = (len(prompts), self.unet.config.in_channels, height // f, width // f)
+        x = randn(shape, generators) * init_scale
+        x = get_sampler(sampler)(denoise, x, sigmas, generator=generators, callback=callback,
+                                 disable=not progress)  # fmt: skip
+        self.denoiser.use_grid(None)
+        latents = x / (1.0 + float(sigmas[-1]) ** 2) ** 0.5  # the VP latent at the last sigma
+        if output == "latent":
+            return latents
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode(latents.to(vae_dtype)).float()
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(
+                "the decoded images contain NaN/inf; keep the VAE in float32 (the default)"
+            )
+        images = images.clamp(-1, 1)
+        return images if output == "tensor" else [to_pil(img) for img in images]

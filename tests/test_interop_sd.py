@@ -1,0 +1,244 @@
+"""Stable Diffusion checkpoints: parity of whole pipelines with diffusers, conversions, errors.
+
+Tiny random-weight models with the real SD 1.5, SD 2.1-v and SDXL block layouts (small
+channel counts) are built in diffusers, saved as diffusers folders, loaded by ldmkit, and run
+side by side on identical inputs; then written back in every format and re-read by both.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from ldmkit.interop.clip import clip_tokenizer  # noqa: E402
+from ldmkit.interop.convert import convert, save_diffusers, save_single_file  # noqa: E402
+from ldmkit.interop.files import CheckpointFormatError  # noqa: E402
+from ldmkit.interop.load import load_stable_diffusion  # noqa: E402
+from ldmkit.interop.modules import StateDictMismatch  # noqa: E402
+
+PROMPTS = ["a red fox in the snow"]
+NEGATIVE = ["blurry"]
+
+
+def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random (diffusers zero-inits output layers, which would hide errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_norm_scale = p.ndim == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(1 + 0.1 * noise if is_norm_scale else 0.05 * noise)
+    return module.eval()
+
+
+def _clip(hidden_act: str, hidden: int = 64, projection: int | None = None, seed: int = 0):
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=hidden // 64, max_position_embeddings=77, hidden_act=hidden_act,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1, projection_dim=projection or hidden,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return randomize(cls(cfg), seed)
+
+
+def _vae(scaling: float):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=scaling,
+        sample_size=64,
+    )  # fmt: skip
+    return randomize(vae, 1)
+
+
+def _scheduler(prediction: str):
+    return diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1, prediction_type=prediction,
+    )  # fmt: skip
+
+
+def sd_pipeline(kind: str):
+    """A tiny diffusers pipeline with the block layout of ``kind`` (sd15, sd21v, sdxl)."""
+    torch.manual_seed(0)
+    if kind == "sdxl":
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64, 128),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 8), transformer_layers_per_block=(1, 1, 2),
+            cross_attention_dim=128, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=6 * 256 + 32,
+        )  # fmt: skip
+        return diffusers.StableDiffusionXLPipeline(
+            vae=_vae(0.13025), unet=randomize(unet, 2),
+            text_encoder=_clip("quick_gelu", seed=3), tokenizer=clip_tokenizer(),
+            text_encoder_2=_clip("gelu", projection=32, seed=4),
+            tokenizer_2=clip_tokenizer(pad_token="!"), scheduler=_scheduler("epsilon"),
+        )  # fmt: skip
+    v = kind == "sd21v"
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=(2, 4, 8, 8) if v else 8, cross_attention_dim=64,
+        use_linear_projection=v, upcast_attention=v,
+    )  # fmt: skip
+    return diffusers.StableDiffusionPipeline(
+        vae=_vae(0.18215), unet=randomize(unet, 2),
+        text_encoder=_clip("gelu" if v else "quick_gelu", seed=3),
+        tokenizer=clip_tokenizer(pad_token="!" if v else "<|endoftext|>"),
+        scheduler=_scheduler("v_prediction" if v else "epsilon"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["sd15", "sd21v", "sdxl"])
+def pair(request, tmp_path_factory):
+    """(diffusers pipeline, its folder, ldmkit pipeline loaded from that folder)."""
+    built = sd_pipeline(request.param)
+    folder = tmp_path_factory.mktemp(request.param) / "diffusers"
+    built.save_pretrained(folder)
+    ref = type(built).from_pretrained(folder, local_files_only=True)
+    return request.param, ref, folder, load_stable_diffusion(folder)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_ten_step_pipeline_matches_diffusers(pair, sampler):
+    kind, ref, _, pipe = pair
+    ref.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(ref.scheduler.config)
+    size = 64
+    kw = dict(num_inference_steps=10, guidance_scale=5.0, height=size, width=size)
+    expected = ref(
+        PROMPTS, negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(7),
+        output_type="latent", **kw,
+    ).images  # fmt: skip
+    got = pipe(
+        PROMPTS, negative_prompt=NEGATIVE, steps=10, sampler=sampler, guidance=5.0, seed=7,
+        height=size, width=size, output="latent", progress=False,
+    )  # fmt: skip
+    assert rel(got, expected) <= 1e-4, (kind, sampler, rel(got, expected))
+
+
+def test_unet_vae_and_text_encoders_match(pair):
+    kind, ref, _, pipe = pair
+    g = torch.Generator().manual_seed(0)
+    ctx_dim = ref.unet.config.cross_attention_dim
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, ctx_dim, generator=g)
+    t = torch.tensor([999, 10])
+    with torch.no_grad():
+        kwargs, y = {}, None
+        if kind == "sdxl":
+            pooled, ids = (
+                torch.randn(2, 32, generator=g),
+                torch.tensor([[64, 64, 0, 0, 64, 64]] * 2),
+            )
+            kwargs = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+            y = pipe._size_vector(pooled, (64, 64, 0, 0, 64, 64))
+        expected = ref.unet(x, t, encoder_hidden_states=ctx, **kwargs).sample
+        assert (pipe.unet(x, t, ctx, y) - expected).abs().max() <= 1e-5
+        img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+        moments = ref.vae.encode(img).latent_dist
+        assert (pipe.vae.encode(img, scaled=False) - moments.mean).abs().max() <= 1e-5
+        z = torch.randn(1, 4, 8, 8, generator=g)
+        assert (pipe.vae.decode(z, scaled=False) - ref.vae.decode(z).sample).abs().max() <= 1e-5
+        ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")
+        assert torch.equal(pipe.text_encoder(ids.input_ids)[0], ref.text_encoder(ids.input_ids)[0])
+
+
+def test_seed_draws_diffusers_initial_noise(pair):
+    _, ref, _, pipe = pair
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    seen = {}
+    pipe(PROMPTS, steps=2, sampler="ddim", seed=11, height=64, width=64, output="latent",
+         progress=False, callback=lambda d: seen.setdefault("x", d["x"].clone()))  # fmt: skip
+    expected = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11))
+    vp = seen["x"] / (1 + float(pipe.sigmas("ddim", 2, "diffusers")[0][0]) ** 2) ** 0.5
+    assert torch.allclose(vp, expected, atol=1e-6)
+
+
+def test_round_trips_are_lossless_and_diffusers_reads_ldmkit_output(pair, tmp_path):
+    kind, ref, folder, pipe = pair
+    single = save_single_file(pipe, tmp_path / "model.safetensors")
+    back = load_stable_diffusion(single)
+    for a, b in [
+        (pipe.unet, back.unet),
+        (pipe.vae, back.vae),
+        *zip(pipe.text_encoders, back.text_encoders, strict=True),
+    ]:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # single file -> diffusers -> single file: identical tensors
+    again = convert(convert(single, tmp_path / "d2", to="diffusers"), tmp_path / "s2.safetensors",
+                    to="single-file")  # fmt: skip
+    from safetensors.torch import load_file
+
+    first, second = load_file(single), load_file(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # ldmkit's diffusers folder loads in diffusers with identical UNet weights
+    written = save_diffusers(pipe, tmp_path / "from_ldmkit")
+    cls = type(ref)
+    loaded = cls.from_pretrained(written, local_files_only=True)
+    for k, v in ref.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[k], v), k
+    # ldmkit export round trip
+    exported = convert(single, tmp_path / "ldm", to="ldmkit")
+    again = load_stable_diffusion(exported)
+    assert all(
+        torch.equal(v, again.unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items()
+    )
+
+
+def test_diffusers_from_single_file_reads_ldmkit_single_file(pair, tmp_path):
+    kind, ref, folder, pipe = pair
+
+    single = save_single_file(pipe, tmp_path / "model.safetensors")
+    loaded = type(ref).from_single_file(str(single), config=str(folder), local_files_only=True)
+    for k, v in ref.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[k], v), k
+    for k, v in ref.vae.state_dict().items():
+        assert torch.equal(loaded.vae.state_dict()[k], v), k
+
+
+def test_bad_input_is_named(tmp_path, pair):
+    kind, ref, folder, pipe = pair
+    single = save_single_file(pipe, tmp_path / "m.safetensors")
+    data = single.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        load_stable_diffusion(tmp_path / "cut.safetensors")
+    torch.save({"state_dict": {"a": torch.zeros(1)}}, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointFormatError, match="allow_pickle"):
+        load_stable_diffusion(tmp_path / "m.ckpt")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(single)
+    key = next(k for k in state if k.startswith("model.diffusion_model.out.2.weight"))
+    state[key] = state[key][:, :2].contiguous()
+    save_file(state, tmp_path / "bad.safetensors", metadata={"format": "pt"})
+    with pytest.raises((StateDictMismatch, ValueError), match="out.2.weight"):
+        load_stable_diffusion(tmp_path / "bad.safetensors")
+    meta = json.loads((folder / "model_index.json").read_text())
+    assert meta["_class_name"].startswith("StableDiffusion")
