@@ -242,3 +242,43 @@ def test_bad_input_is_named(tmp_path, pair):
         load_stable_diffusion(tmp_path / "bad.safetensors")
     meta = json.loads((folder / "model_index.json").read_text())
     assert meta["_class_name"].startswith("StableDiffusion")
+
+
+def test_sizes_that_are_multiples_of_8_only_match_diffusers(pair):
+    kind, ref, _, pipe = pair
+    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
+    h, w = 72, 88  # latents 9 x 11: not multiples of the UNet's downsampling
+    expected = ref(
+        PROMPTS, num_inference_steps=4, guidance_scale=3.0, height=h, width=w,
+        generator=torch.Generator().manual_seed(1), output_type="latent",
+    ).images  # fmt: skip
+    got = pipe(PROMPTS, steps=4, sampler="ddim", guidance=3.0, seed=1, height=h, width=w,
+               output="latent", progress=False)  # fmt: skip
+    assert got.shape == expected.shape == (1, 4, 9, 11)
+    assert rel(got, expected) <= 1e-4
+
+
+def test_bf16_keeps_the_vae_in_fp32_and_stays_close(pair):
+    kind, _, folder, pipe = pair
+    low = load_stable_diffusion(folder, dtype=torch.bfloat16)
+    assert next(low.unet.parameters()).dtype == torch.bfloat16
+    assert next(low.vae.parameters()).dtype == torch.float32
+    kw = dict(steps=4, sampler="euler", guidance=3.0, seed=0, height=64, width=64, progress=False)
+    exact = pipe(PROMPTS, output="tensor", **kw)
+    approx = low(PROMPTS, output="tensor", **kw)
+    assert torch.isfinite(approx).all()
+    assert (approx - exact).abs().mean() < 0.05  # bf16 has 8 mantissa bits
+
+
+def test_cli_converts_and_samples(pair, tmp_path):
+    from ldmkit.cli import main
+
+    kind, _, folder, _ = pair
+    single = tmp_path / "m.safetensors"
+    assert main(["convert", str(folder), str(single), "--to", "single-file"]) == 0
+    out = tmp_path / "img.png"
+    args = ["sample", "--checkpoint", str(single), "--prompt", "a fox", "--steps", "2"]
+    assert main([*args, "--height", "64", "--width", "64", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["convert", str(single), str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    assert main(["convert", str(single), str(tmp_path / "d"), "--to", "diffusers"]) == 2

@@ -459,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TrainingDiverged) as err:
+    except (
+        ConfigError,
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        TrainingDiverged,
+    ) as err:
         if args.verbose:
             raise
         print(f"ldmkit: error: {err}", file=sys.stderr)

@@ -189,6 +189,8 @@ def convert(
     """Read ``src`` (any supported format) and write it to ``dst`` in format ``to``."""
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; choose from {', '.join(FORMATS)}")
+    if to != "single-file" and Path(dst).exists():  # fail before the (long) load
+        raise FileExistsError(f"{dst} exists; choose a new folder (nothing was written)")
     pipe = load_stable_diffusion(
         src, family=family, prediction=prediction, allow_pickle=allow_pickle,
         dtype=torch.float32 if dtype is None else dtype, vae_dtype=dtype or torch.float32,
