@@ -282,3 +282,18 @@ def test_cli_converts_and_samples(pair, tmp_path):
     assert out.is_file()
     assert main(["convert", str(single), str(tmp_path / "d"), "--to", "diffusers"]) == 0
     assert main(["convert", str(single), str(tmp_path / "d"), "--to", "diffusers"]) == 2
+
+
+def test_inpainting_checkpoint_runs_text_to_image(tmp_path):
+    ref = sd_pipeline("sd15")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**{**ref.unet.config, "in_channels": 9})
+    ref.unet = randomize(unet, 5)
+    ref.register_modules(unet=ref.unet)
+    ref.save_pretrained(tmp_path / "inpaint")
+    pipe = load_stable_diffusion(tmp_path / "inpaint")
+    assert pipe.family.name == "sd1-inpaint" and pipe.unet.config.concat_channels == 5
+    images = pipe(PROMPTS, steps=2, sampler="euler", height=64, width=64, progress=False)
+    assert images[0].size == (64, 64)
+    single = save_single_file(pipe, tmp_path / "inpaint.safetensors")
+    assert load_stable_diffusion(single).family.name == "sd1-inpaint"

@@ -164,3 +164,69 @@ def test_recipes_load_and_the_objective_follows_the_model():
         )
     with pytest.raises((ConfigError, ValueError), match="time_shift"):
         load_config(DiffusionRecipe, unet, ["model.parameterization=eps", "model.schedule=karras"])
+
+
+def test_run_exports_unet_and_vae_that_diffusers_loads(pipeline_run, tmp_path, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    from ldmkit.interop.convert import convert
+
+    tmp, _ = pipeline_run
+    pipe = ldmkit.load_pipeline(tmp / "ldm")
+    net, vae = pipe.model.denoiser.net, pipe.autoencoder
+    with torch.no_grad():  # a trained run's zero-initialised layers are barely trained
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    folder = tmp_path / "diffusers"
+    import ldmkit.pipelines.text2img as text2img
+
+    monkeypatch.setattr(text2img, "load_pipeline", lambda run: pipe)  # the perturbed model
+    convert(tmp / "ldm", folder, to="diffusers")
+    single = convert(tmp / "ldm", tmp_path / "run.safetensors", to="single-file")
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    t = torch.tensor([10.0, 700.0])
+    unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    from_file = diffusers.UNet2DConditionModel.from_single_file(
+        str(single), config=str(folder), subfolder="unet", local_files_only=True
+    )
+    with torch.no_grad():
+        expected = net(x, t, ctx)
+        assert (unet(x, t, encoder_hidden_states=ctx).sample - expected).abs().max() <= 1e-5
+        assert (from_file(x, t, encoder_hidden_states=ctx).sample - expected).abs().max() <= 1e-5
+        dvae = diffusers.AutoencoderKL.from_pretrained(folder / "vae")
+        z = torch.randn(1, 2, 4, 4, generator=g)
+        assert (dvae.decode(z).sample - vae.decode(z, scaled=False)).abs().max() <= 1e-5
+    assert (folder / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_pooled_text_vector_exports_as_a_projection_class_embedding():
+    diffusers = pytest.importorskip("diffusers")
+    from types import SimpleNamespace
+
+    from ldmkit.denoisers.unet import UNet, UNetConfig
+    from ldmkit.interop.export_run import _unet_for_diffusers
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**dict(TINY_UNET, context_dim=16, vector_dim=12)))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    fake = SimpleNamespace(
+        model=SimpleNamespace(
+            config=SimpleNamespace(network="unet"), denoiser=SimpleNamespace(net=net)
+        ),
+        latent_size=(2, 8, 8),
+    )
+    config, weights = _unet_for_diffusers(fake)
+    ref = diffusers.UNet2DConditionModel(**config)
+    ref.load_state_dict(weights, strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, ctx, y = (
+        torch.randn(2, 2, 8, 8, generator=g),
+        torch.randn(2, 5, 16, generator=g),
+        torch.randn(2, 12, generator=g),
+    )
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        out = ref(x, t, encoder_hidden_states=ctx, class_labels=y).sample
+        assert (out - net(x, t, ctx, y)).abs().max() <= 1e-5

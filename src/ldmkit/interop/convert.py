@@ -34,7 +34,13 @@ from ldmkit.interop.diffusers_format import (
     vae_keys_to_diffusers,
 )
 from ldmkit.interop.files import write_safetensors
-from ldmkit.interop.load import LDMKIT_MANIFEST, LDMKIT_META, describe, load_stable_diffusion
+from ldmkit.interop.load import (
+    LDMKIT_MANIFEST,
+    LDMKIT_META,
+    describe,
+    is_stable_diffusion_path,
+    load_stable_diffusion,
+)
 from ldmkit.interop.pipeline import StableDiffusionPipeline
 from ldmkit.utils.io import atomic_write_json
 
@@ -186,9 +192,17 @@ def convert(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
 ) -> Path:
-    """Read ``src`` (any supported format) and write it to ``dst`` in format ``to``."""
+    """Read ``src`` (any supported format) and write it to ``dst`` in format ``to``.
+
+    An ldmkit training run as ``src`` exports its UNet, VAE and scheduler
+    (:func:`ldmkit.interop.export_run.export_run`).
+    """
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; choose from {', '.join(FORMATS)}")
+    if not is_stable_diffusion_path(src):
+        from ldmkit.interop.export_run import export_run
+
+        return export_run(src, dst, to)
     if to != "single-file" and Path(dst).exists():  # fail before the (long) load
         raise FileExistsError(f"{dst} exists; choose a new folder (nothing was written)")
     pipe = load_stable_diffusion(

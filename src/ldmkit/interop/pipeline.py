@@ -179,6 +179,19 @@ class StableDiffusionPipeline:
             uncond["vector"] = self._size_vector(u_pooled, sizes)
         return cond, uncond
 
+    def _empty_inpainting_condition(self, n: int, height: int, width: int) -> torch.Tensor:
+        """Inpainting UNets' extra channels for plain text-to-image: the mask covers the whole
+        image (1 = repaint) and the masked image is all zeros (mid-grey), as diffusers' inpainting
+        pipeline sets them for a white mask; its latent is the posterior mean."""
+        extra = self.unet.config.concat_channels - 1
+        if extra != self.vae.config.latent_channels:
+            raise ValueError(f"cannot build {extra + 1} concat channels from this VAE")
+        f = self.vae.downsampling_factor
+        grey = torch.zeros(1, 3, height, width, dtype=next(self.vae.parameters()).dtype)
+        masked = self.vae.encode(grey).float()
+        mask = torch.ones(1, 1, height // f, width // f)
+        return torch.cat([mask, masked], dim=1).expand(n, -1, -1, -1)
+
     # -- sampling ---------------------------------------------------------------------------
     def sigmas(self, sampler: str, steps: int, schedule: str) -> tuple[torch.Tensor, float, Any]:
         """(grid, initial noise scale, diffusers Grid or None) for ``schedule``."""
@@ -241,6 +254,9 @@ class StableDiffusionPipeline:
                  *(target_size or (height, width)))  # fmt: skip
         cond, uncond = self._conditions(prompts, negatives, sizes)
 
+        if self.unet.config.concat_channels:
+            concat = self._empty_inpainting_condition(len(prompts), height, width)
+            cond, uncond = {**cond, "concat": concat}, {**uncond, "concat": concat}
         sigmas, init_scale, grid = self.sigmas(sampler, steps, schedule)
         self.denoiser.use_grid(grid)
         space = "v" if self.scheduler.prediction == "v" else "eps"
