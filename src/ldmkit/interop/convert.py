@@ -19,8 +19,6 @@ atomically.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,7 @@ from ldmkit.interop.load import (
     load_stable_diffusion,
 )
 from ldmkit.interop.pipeline import StableDiffusionPipeline
-from ldmkit.utils.io import atomic_write_json
+from ldmkit.utils.io import atomic_write_dir, atomic_write_json
 
 FORMATS = ("diffusers", "single-file", "ldmkit")
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -96,18 +94,7 @@ def save_diffusers(
     pipe: StableDiffusionPipeline, folder: str | Path, dtype: torch.dtype | None = None
 ) -> Path:
     """A diffusers folder (written to a temporary sibling, then renamed into place)."""
-    folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; choose a new folder (nothing was written)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        _write_diffusers(pipe, tmp, dtype)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return atomic_write_dir(folder, lambda tmp: _write_diffusers(pipe, tmp, dtype))
 
 
 def _write_diffusers(pipe: StableDiffusionPipeline, root: Path, dtype: torch.dtype | None) -> None:
@@ -157,17 +144,12 @@ def save_ldmkit(
     pipe: StableDiffusionPipeline, folder: str | Path, dtype: torch.dtype | None = None
 ) -> Path:
     """ldmkit's own format: ``model.safetensors`` (ldmkit keys) + ``sd_model.json`` + tokenizers."""
-    folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; choose a new folder (nothing was written)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         state = {"unet." + k: v for k, v in pipe.unet.state_dict().items()}
         state.update({"vae." + k: v for k, v in pipe.vae.state_dict().items()})
-        for model, spec, tok in zip(
-            pipe.text_encoders, pipe.encoder_specs, pipe.tokenizers, strict=True
-        ):
+        parts = zip(pipe.text_encoders, pipe.encoder_specs, pipe.tokenizers, strict=True)
+        for model, spec, tok in parts:
             state.update({f"{spec.name}.{k}": v for k, v in _text_state(model).items()})
             tok.save_pretrained(
                 tmp / ("tokenizer" if spec.name == "text_encoder" else "tokenizer_2")
@@ -175,11 +157,8 @@ def save_ldmkit(
         state.update({"extra." + k: v for k, v in pipe.extras.items()})
         write_safetensors(_cast(state, dtype), tmp / "model.safetensors")
         atomic_write_json(tmp / LDMKIT_MANIFEST, describe(pipe))
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return atomic_write_dir(folder, write)
 
 
 def convert(

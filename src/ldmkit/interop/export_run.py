@@ -16,8 +16,6 @@ without cross-attention) is refused with the reason.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from ldmkit.interop.diffusers_format import (
     vae_keys_to_diffusers,
 )
 from ldmkit.interop.files import write_safetensors
-from ldmkit.utils.io import atomic_write_json
+from ldmkit.utils.io import atomic_write_dir, atomic_write_json
 
 
 def _unet_for_diffusers(pipe: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -105,9 +103,8 @@ def export_run(run: str | Path, out: str | Path, to: str) -> Path:
         return out
     if to != "diffusers":
         raise ValueError(f"an ldmkit run exports to 'diffusers' or 'single-file', not {to!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         atomic_write_json(
             tmp / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", **unet_config}
         )
@@ -139,8 +136,5 @@ def export_run(run: str | Path, out: str | Path, to: str) -> Path:
                 "scheduler/ on their own, and encode prompts with ldmkit",
             },
         )
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return atomic_write_dir(out, write)
