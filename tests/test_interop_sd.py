@@ -297,3 +297,21 @@ def test_inpainting_checkpoint_runs_text_to_image(tmp_path):
     assert images[0].size == (64, 64)
     single = save_single_file(pipe, tmp_path / "inpaint.safetensors")
     assert load_stable_diffusion(single).family.name == "sd1-inpaint"
+
+
+def test_foreign_single_file_needs_a_family_for_unreleased_sizes(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    kind, _, _, pipe = pair
+    bare = tmp_path / "bare.safetensors"  # no ldmkit metadata, as a file from elsewhere
+    save_file(load_file(save_single_file(pipe, tmp_path / "m.safetensors")), bare)
+    with pytest.raises(ValueError, match="context"):
+        load_stable_diffusion(bare)  # tiny sizes match no release: the error says what it saw
+    family = {"sd15": "sd1", "sd21v": "sd2-v", "sdxl": "sdxl"}[kind]
+    loaded = load_stable_diffusion(bare, family=family)
+    assert loaded.family.name == family and any("sizes" in n for n in loaded.notes)
+    sa, sb = pipe.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    if kind == "sd21v":
+        eps = load_stable_diffusion(bare, family="sd2-v", prediction="eps")
+        assert eps.scheduler.prediction == "eps" and eps.family.name == "sd2"

@@ -184,9 +184,9 @@ def convert(
         return export_run(src, dst, to)
     if to != "single-file" and Path(dst).exists():  # fail before the (long) load
         raise FileExistsError(f"{dst} exists; choose a new folder (nothing was written)")
-    pipe = load_stable_diffusion(
+    pipe = load_stable_diffusion(  # dtype None: tensors stay as stored
         src, family=family, prediction=prediction, allow_pickle=allow_pickle,
-        dtype=torch.float32 if dtype is None else dtype, vae_dtype=dtype or torch.float32,
+        dtype=dtype, vae_dtype=dtype,
     )  # fmt: skip
     if to == "diffusers":
         return save_diffusers(pipe, dst)

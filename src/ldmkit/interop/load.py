@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from ldmkit.interop.modules import build_from_state_dict
 from ldmkit.interop.pipeline import StableDiffusionPipeline
 from ldmkit.interop.schedulers import SchedulerConfig
 
+logger = logging.getLogger(__name__)
+
 LDMKIT_META = "ldmkit"  # safetensors metadata key holding ldmkit's description of the file
 LDMKIT_MANIFEST = "sd_model.json"  # an ldmkit-format export folder
 # SD 2.x keeps OpenCLIP-H's 24 blocks but encodes with the 23rd (Rombach et al., "penultimate")
@@ -55,8 +58,8 @@ def load_stable_diffusion(
     *,
     family: str | None = None,
     prediction: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    vae_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
+    vae_dtype: torch.dtype | None = torch.float32,
     allow_pickle: bool = False,
 ) -> StableDiffusionPipeline:
     """A text-to-image pipeline from a Stable Diffusion 1.x / 2.x / XL checkpoint.
@@ -68,8 +71,10 @@ def load_stable_diffusion(
         family: force the family ("sd1", "sd2", "sd2-v", "sd1-inpaint", "sd2-inpaint",
             "sdxl") instead of detecting it; the weights must still fit it.
         prediction: "eps" or "v", overriding the detected or configured prediction type.
-        dtype: UNet and text encoder dtype (float32, bfloat16 or float16).
-        vae_dtype: VAE dtype; float32 by default (the SD VAE overflows in fp16).
+        dtype: UNet and text encoder dtype (float32, bfloat16 or float16); ``None`` keeps
+            the dtypes stored in the file (what ``convert`` does).
+        vae_dtype: VAE dtype; float32 by default (the SD VAE overflows in fp16); ``None``
+            keeps the stored one.
         allow_pickle: permit ``.ckpt``/``.pt``/``.bin`` files (read with weights_only=True).
     """
     p = Path(path).expanduser()
@@ -87,22 +92,23 @@ def load_stable_diffusion(
         pipe = _load_single_file(p, family, dtype, allow_pickle)
     if prediction is not None:
         _set_prediction(pipe, prediction)
-    return pipe.to(dtype, vae_dtype=vae_dtype)
+    for note in pipe.notes:
+        logger.warning("%s: %s", p.name, note)
+    if dtype is not None:
+        pipe.unet.to(dtype)
+        for te in pipe.text_encoders:
+            te.to(dtype)
+    if vae_dtype is not None:
+        pipe.vae.to(vae_dtype)
+    return pipe
 
 
 def _set_prediction(pipe: StableDiffusionPipeline, prediction: str) -> None:
     names = {"eps": "epsilon", "v": "v_prediction"}
     if prediction not in names:
         raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
-    pipe.scheduler = dataclasses.replace(pipe.scheduler, prediction_type=names[prediction])
-    pipe.family = detect.family_for_prediction(pipe.family, prediction)
-    rebuilt = StableDiffusionPipeline(
-        unet=pipe.unet, vae=pipe.vae, text_encoders=pipe.text_encoders,
-        tokenizers=pipe.tokenizers, encoder_specs=pipe.encoder_specs, family=pipe.family,
-        scheduler=pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-        extras=pipe.extras, source=pipe.source,
-    )  # fmt: skip
-    pipe.__dict__.update(rebuilt.__dict__)
+    scheduler = dataclasses.replace(pipe.scheduler, prediction_type=names[prediction])
+    pipe.set_scheduler(scheduler, detect.family_for_prediction(pipe.family, prediction))
 
 
 # -- single files ---------------------------------------------------------------------------
@@ -146,10 +152,12 @@ def _load_single_file(
         specs.append(spec)
     unet = build_from_state_dict(lambda: UNet(unet_cfg), parts["unet"], "UNet")
     vae = build_from_state_dict(lambda: AutoencoderKL(vae_cfg), parts["vae"], "VAE")
-    return StableDiffusionPipeline(
+    pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers, encoder_specs=specs,
         family=found.family, scheduler=sched, extras=extras, source=str(path),
     )  # fmt: skip
+    pipe.notes = list(found.notes) if described is None else []
+    return pipe
 
 
 def _text_encoder_from_single(

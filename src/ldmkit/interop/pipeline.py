@@ -85,7 +85,6 @@ class StableDiffusionPipeline:
         self.unet, self.vae = unet.eval(), vae.eval()
         self.text_encoders = [te.eval() for te in text_encoders]
         self.tokenizers, self.encoder_specs = list(tokenizers), list(encoder_specs)
-        self.family, self.scheduler = family, scheduler
         self.force_zeros_for_empty_prompt = (
             family.size_conditioning
             if force_zeros_for_empty_prompt is None
@@ -93,6 +92,12 @@ class StableDiffusionPipeline:
         )
         self.extras = extras or {}  # tensors of the source file with no place in these parts
         self.source = source
+        self.notes: list[str] = []  # what detection guessed (e.g. an SD 2.x prediction type)
+        self.set_scheduler(scheduler, family)
+
+    def set_scheduler(self, scheduler: SchedulerConfig, family: Any | None = None) -> None:
+        """Use another noise schedule / prediction type (e.g. a user's eps override)."""
+        self.scheduler, self.family = scheduler, family or self.family
         self.denoiser = GridTimestepDenoiser(
             _CastNet(self.unet), train_sigmas(scheduler), prediction=scheduler.prediction
         )
