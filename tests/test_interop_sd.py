@@ -315,3 +315,51 @@ def test_foreign_single_file_needs_a_family_for_unreleased_sizes(pair, tmp_path)
     if kind == "sd21v":
         eps = load_stable_diffusion(bare, family="sd2-v", prediction="eps")
         assert eps.scheduler.prediction == "eps" and eps.family.name == "sd2"
+
+
+def test_lone_unet_and_vae_files_in_either_layout(pair, tmp_path):
+    from safetensors.torch import save_file
+
+    from ldmkit.interop.load import load_unet, load_vae
+
+    kind, ref, folder, pipe = pair
+    family = {"sd15": "sd1", "sd21v": "sd2-v", "sdxl": "sdxl"}[kind]
+    save_file(dict(ref.unet.state_dict()), tmp_path / "unet.safetensors")  # diffusers keys
+    save_file(pipe.unet.state_dict(), tmp_path / "unet_ldm.safetensors")  # original keys
+    heads = {"num_head_channels": 16} if kind != "sd15" else {"family": family}
+    for name in ("unet.safetensors", "unet_ldm.safetensors"):
+        unet = load_unet(tmp_path / name, **heads)
+        assert all(torch.equal(v, unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+    unet = load_unet(folder / "unet")  # a diffusers unet/ folder: its config.json decides
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+    save_file(dict(ref.vae.state_dict()), tmp_path / "vae.safetensors")
+    vae = load_vae(tmp_path / "vae.safetensors")
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in pipe.vae.state_dict().items())
+    with pytest.raises(CheckpointFormatError, match="only a UNet"):
+        load_stable_diffusion(tmp_path / "unet_ldm.safetensors")
+
+
+def test_every_sampler_runs_a_checkpoint(pair):
+    from ldmkit.samplers import SAMPLERS
+
+    kind, _, _, pipe = pair
+    if kind != "sd15":
+        pytest.skip("one family is enough: the sampler path does not depend on it")
+    for name in SAMPLERS:
+        for schedule in ("diffusers", "karras"):
+            out = pipe(PROMPTS, steps=3, sampler=name, schedule=schedule, seed=0, height=64,
+                       width=64, output="latent", progress=False)  # fmt: skip
+            assert torch.isfinite(out).all(), (name, schedule)
+
+
+def test_missing_and_unexpected_keys_are_named(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, _, pipe = pair
+    state = load_file(save_single_file(pipe, tmp_path / "m.safetensors"))
+    state.pop("model.diffusion_model.out.0.weight")
+    state["model.diffusion_model.input_blocks.0.0.extra"] = torch.zeros(1)
+    save_file(state, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="out.0.weight") as err:
+        load_stable_diffusion(tmp_path / "broken.safetensors", family=pipe.family.name)
+    assert "input_blocks.0.0.extra" in str(err.value) or "out.0.weight" in str(err.value)

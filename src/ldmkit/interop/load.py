@@ -297,16 +297,37 @@ def describe(pipe: StableDiffusionPipeline) -> dict[str, Any]:
 
 
 # -- lone parts --------------------------------------------------------------------------------
-def load_unet(path: str | Path, *, family: str | None = None, allow_pickle: bool = False) -> UNet:
-    """An ldmkit ``UNet`` from a lone UNet file (original/CompVis or diffusers keys)."""
-    state, _ = read_weights(path, allow_pickle=allow_pickle)
+def load_unet(
+    path: str | Path,
+    *,
+    family: str | None = None,
+    num_heads: int | None = None,
+    num_head_channels: int | None = None,
+    allow_pickle: bool = False,
+) -> UNet:
+    """An ldmkit ``UNet`` from a lone UNet: a file (original/CompVis or diffusers keys) or a
+    diffusers ``unet/`` folder (its ``config.json`` then decides everything).
+
+    Attention heads are not in the weights: they come from ``num_heads`` /
+    ``num_head_channels``, else the ``family``'s convention, else the releases' (64 channels
+    per head where that divides the widths).
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        cfg = unet_config_from_diffusers(_read_json(p / "config.json"))
+        weights = read_sharded(p, "diffusion_pytorch_model", allow_pickle=allow_pickle)
+        return build_from_state_dict(lambda: UNet(cfg), unet_keys_from_diffusers(weights), "UNet")
+    state, _ = read_weights(p, allow_pickle=allow_pickle)
     if any(k.startswith(("down_blocks.", "conv_in.")) for k in state):
         state = unet_keys_from_diffusers(state)
     parts = detect.split_single_file(state)
     if "unet" not in parts:
-        raise CheckpointFormatError(f"{path}: no UNet weights found")
+        raise CheckpointFormatError(f"{p}: no UNet weights found")
     shapes = {k: tuple(v.shape) for k, v in parts["unet"].items()}
-    heads = detect.FAMILIES[family].unet_heads() if family else detect.guess_unet_heads(shapes)
+    if num_heads is not None or num_head_channels is not None:
+        heads = {"num_heads": num_heads, "num_head_channels": num_head_channels}
+    else:
+        heads = detect.FAMILIES[family].unet_heads() if family else detect.guess_unet_heads(shapes)
     cfg = detect.infer_unet_config(shapes, **heads)
     return build_from_state_dict(lambda: UNet(cfg), parts["unet"], "UNet")
 
