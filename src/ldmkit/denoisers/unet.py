@@ -399,6 +399,22 @@ class UNet(nn.Module):
         if c.vector_dim is not None and y is None:
             raise ValueError(f"this UNet needs a vector y [B, {c.vector_dim}]")
 
+    def embed(
+        self, timesteps: torch.Tensor | float, y: torch.Tensor | None, x: torch.Tensor
+    ) -> torch.Tensor:
+        """The embedding every ResBlock receives: time MLP (+ class or vector embedding) [B, 4C]."""
+        b = x.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(b)
+        t_emb = timestep_embedding(timesteps, self.config.model_channels)
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+        if self.config.num_classes is not None:
+            if y is None:  # the null class (classifier-free guidance)
+                y = torch.full((b,), self.config.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.label_emb(y)
+        elif y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return emb
+
     def _run(self, block: nn.Module, h: torch.Tensor, *args: Any) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, h, *args, use_reentrant=False)
@@ -424,16 +440,7 @@ class UNet(nn.Module):
             context_mask: [B, L] bool, True for real context tokens, False for padding.
         """
         self._check_inputs(x, context, y)
-        b = x.shape[0]
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(b)
-        t_emb = timestep_embedding(timesteps, self.config.model_channels)
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
-        if self.config.num_classes is not None:
-            if y is None:
-                y = torch.full((b,), self.config.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.label_emb(y)
-        elif y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
+        emb = self.embed(timesteps, y, x)
 
         h, skips = x, []
         for block in self.input_blocks:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ldmkit.accel.fastpaths import prepare_for_inference
 from ldmkit.autoencoders.base import AutoencoderConfig
 from ldmkit.autoencoders.kl import AutoencoderKL
 from ldmkit.config import from_dict, to_dict
@@ -95,7 +96,7 @@ def load_stable_diffusion(
     for note in pipe.notes:
         logger.warning("%s: %s", p.name, note)
     if dtype is not None:
-        pipe.unet.to(dtype)
+        prepare_for_inference(pipe.unet, dtype)  # + channels-last for bf16/fp16
         for te in pipe.text_encoders:
             te.to(dtype)
     if vae_dtype is not None:

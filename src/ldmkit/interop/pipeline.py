@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ldmkit.accel.fastpaths import prepare_for_inference
 from ldmkit.autoencoders.kl import AutoencoderKL
 from ldmkit.data.transforms import to_pil
 from ldmkit.denoisers.unet import UNet
@@ -126,14 +127,30 @@ class StableDiffusionPipeline:
     def to(self, dtype: torch.dtype, *, vae_dtype: torch.dtype = torch.float32):
         """Cast the UNet and text encoders to ``dtype``; the VAE stays in ``vae_dtype`` (fp32:
         the SD VAE overflows in fp16 and gives black images)."""
-        self.unet.to(dtype)
+        prepare_for_inference(self.unet, dtype)
         for te in self.text_encoders:
             te.to(dtype)
         self.vae.to(vae_dtype)
         return self
 
+    def compile(self, *, dynamic: bool | None = True, freeze: bool = True) -> StableDiffusionPipeline:
+        """Opt-in ``torch.compile`` of the UNet (the first call then takes minutes on a CPU).
+
+        ``dynamic=True`` compiles once for any batch size and resolution instead of
+        recompiling at each new shape. ``freeze`` lets inductor treat the weights as constants
+        and pre-pack them for oneDNN (its ``freezing`` option), which is where most of the CPU
+        gain comes from: on the SD 1.5 UNet at 256 px in bf16, 0.49 s against 1.37 s per step
+        eagerly (2 threads, after a 120 s compile). Frozen weights must not change afterwards.
+        """
+        if freeze:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+        self.denoiser.net.unet = torch.compile(self.unet, dynamic=dynamic)
+        return self
+
     # -- conditioning -----------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(token states [B, 77, context_dim], pooled text [B, P] or None) as diffusers does."""
         from ldmkit.interop.clip import encode_prompt_hidden
@@ -207,7 +224,7 @@ class StableDiffusionPipeline:
         sigmas = get_sigmas(schedule, steps, sigma_min=d.sigma_min, sigma_max=d.sigma_max)
         return sigmas, float(sigmas[0]), None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         prompt: str | Sequence[str],

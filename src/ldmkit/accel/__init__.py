@@ -1,0 +1,1 @@
+"""Training-free acceleration: wrappers that make an unmodified network cheaper to run."""
