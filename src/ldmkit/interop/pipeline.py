@@ -133,7 +133,9 @@ class StableDiffusionPipeline:
         self.vae.to(vae_dtype)
         return self
 
-    def compile(self, *, dynamic: bool | None = True, freeze: bool = True) -> StableDiffusionPipeline:
+    def compile(
+        self, *, dynamic: bool | None = True, freeze: bool = True
+    ) -> StableDiffusionPipeline:
         """Opt-in ``torch.compile`` of the UNet (the first call then takes minutes on a CPU).
 
         ``dynamic=True`` compiles once for any batch size and resolution instead of
