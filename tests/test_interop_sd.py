@@ -363,3 +363,20 @@ def test_missing_and_unexpected_keys_are_named(pair, tmp_path):
     with pytest.raises(ValueError, match="out.0.weight") as err:
         load_stable_diffusion(tmp_path / "broken.safetensors", family=pipe.family.name)
     assert "input_blocks.0.0.extra" in str(err.value) or "out.0.weight" in str(err.value)
+
+
+def test_tiled_vae_and_deepcache_on_a_checkpoint(pair):
+    from ldmkit.accel.cache import deepcache
+
+    kind, _, _, pipe = pair
+    if kind != "sd15":
+        pytest.skip("one family is enough")
+    kw = dict(steps=6, sampler="dpmpp_2m", seed=0, height=96, width=96, progress=False)
+    full = pipe(PROMPTS, output="tensor", **kw)
+    tiled = pipe(PROMPTS, output="tensor", vae_tile=8, **kw)
+    assert tiled.shape == full.shape and (tiled - full).abs().mean() < 0.1
+    with deepcache(pipe, interval=2) as cached:
+        fast = pipe(PROMPTS, output="latent", **kw)
+    assert cached.cached_calls > 0 and pipe.denoiser.net.unet is pipe.unet  # restored
+    exact = pipe(PROMPTS, output="latent", **kw)
+    assert torch.isfinite(fast).all() and not torch.equal(fast, exact)

@@ -134,12 +134,15 @@ class StableDiffusionPipeline:
         return self
 
     def compile(
-        self, *, dynamic: bool | None = True, freeze: bool = True
+        self, *, dynamic: bool | None = False, freeze: bool = True
     ) -> StableDiffusionPipeline:
         """Opt-in ``torch.compile`` of the UNet (the first call then takes minutes on a CPU).
 
-        ``dynamic=True`` compiles once for any batch size and resolution instead of
-        recompiling at each new shape. ``freeze`` lets inductor treat the weights as constants
+        Each new batch size or resolution compiles again (76 s, then 160 s for a second size, on
+        the tiny test UNet here): ``dynamic=True`` would compile once for all shapes, but with
+        torch 2.13 inductor fails on this UNet with "ValueRangeError: Invalid ranges [0:-1]"
+        (with or without freezing; not investigated further). ``freeze`` lets inductor treat the
+        weights as constants
         and pre-pack them for oneDNN (its ``freezing`` option), which is where most of the CPU
         gain comes from: on the SD 1.5 UNet at 256 px in bf16, 0.49 s against 1.37 s per step
         eagerly (2 threads, after a 120 s compile). Frozen weights must not change afterwards.
@@ -247,8 +250,13 @@ class StableDiffusionPipeline:
         callback: Callable[[dict[str, Any]], None] | None = None,
         progress: bool = True,
         output: str = "pil",
+        vae_tile: int | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Sample; ``output`` is "pil", "tensor" ([N, 3, H, W] in [-1, 1]) or "latent".
+
+        ``vae_tile`` (latent pixels, e.g. 64) decodes in overlapping tiles to bound memory at
+        large sizes (:func:`ldmkit.accel.tiling.tiled_decode`; close to, not equal to, the
+        full decode).
 
         Image ``k`` uses its own CPU generator seeded ``seed + k``: image 0 starts from exactly
         the noise diffusers draws with ``torch.Generator().manual_seed(seed)``, and no image
@@ -296,7 +304,13 @@ class StableDiffusionPipeline:
         if output == "latent":
             return latents
         vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode(latents.to(vae_dtype)).float()
+        if vae_tile:
+            from ldmkit.accel.tiling import tiled_decode
+
+            images = tiled_decode(self.vae, latents.to(vae_dtype), tile=vae_tile,
+                                  overlap=max(1, vae_tile // 4)).float()  # fmt: skip
+        else:
+            images = self.vae.decode(latents.to(vae_dtype)).float()
         if not torch.isfinite(images).all():
             raise FloatingPointError(
                 "the decoded images contain NaN/inf; keep the VAE in float32 (the default)"
