@@ -104,14 +104,24 @@ def sd_pipeline(kind: str):
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["sd15", "sd21v", "sdxl"])
-def pair(request, tmp_path_factory):
-    """(diffusers pipeline, its folder, ldmkit pipeline loaded from that folder)."""
-    built = sd_pipeline(request.param)
-    folder = tmp_path_factory.mktemp(request.param) / "diffusers"
+def make_pair(kind: str, tmp_path_factory):
+    """(kind, diffusers pipeline, its folder, ldmkit pipeline loaded from that folder)."""
+    built = sd_pipeline(kind)
+    folder = tmp_path_factory.mktemp(kind) / "diffusers"
     built.save_pretrained(folder)
     ref = type(built).from_pretrained(folder, local_files_only=True)
-    return request.param, ref, folder, load_stable_diffusion(folder)
+    return kind, ref, folder, load_stable_diffusion(folder)
+
+
+@pytest.fixture(scope="module", params=["sd15", "sd21v", "sdxl"])
+def pair(request, tmp_path_factory):
+    return make_pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    """For checks whose code path does not depend on the family."""
+    return make_pair("sd15", tmp_path_factory)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -339,12 +349,10 @@ def test_lone_unet_and_vae_files_in_either_layout(pair, tmp_path):
         load_stable_diffusion(tmp_path / "unet_ldm.safetensors")
 
 
-def test_every_sampler_runs_a_checkpoint(pair):
+def test_every_sampler_runs_a_checkpoint(sd15):
     from ldmkit.samplers import SAMPLERS
 
-    kind, _, _, pipe = pair
-    if kind != "sd15":
-        pytest.skip("one family is enough: the sampler path does not depend on it")
+    kind, _, _, pipe = sd15
     for name in SAMPLERS:
         for schedule in ("diffusers", "karras"):
             out = pipe(PROMPTS, steps=3, sampler=name, schedule=schedule, seed=0, height=64,
@@ -365,12 +373,10 @@ def test_missing_and_unexpected_keys_are_named(pair, tmp_path):
     assert "input_blocks.0.0.extra" in str(err.value) or "out.0.weight" in str(err.value)
 
 
-def test_tiled_vae_and_deepcache_on_a_checkpoint(pair):
+def test_tiled_vae_and_deepcache_on_a_checkpoint(sd15):
     from ldmkit.accel.cache import deepcache
 
-    kind, _, _, pipe = pair
-    if kind != "sd15":
-        pytest.skip("one family is enough")
+    kind, _, _, pipe = sd15
     kw = dict(steps=6, sampler="dpmpp_2m", seed=0, height=96, width=96, progress=False)
     full = pipe(PROMPTS, output="tensor", **kw)
     tiled = pipe(PROMPTS, output="tensor", vae_tile=8, **kw)
