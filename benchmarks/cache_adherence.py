@@ -1,0 +1,97 @@
+"""What DeepCache costs and saves on a trained ``shapes`` text-to-image model.
+
+    python benchmarks/cache_adherence.py runs/t2i_shapes_unet --n 128 --intervals 2 3
+
+For the run's default sampler, steps and guidance it samples ``--n`` fresh 1-object and 2-object
+prompts (the prompts of ``ldmkit eval diffusion``) without caching and with
+``ldmkit.accel.cache.deepcache`` at each interval (branch 0, whole trajectory), on the same
+seeds, and reports the wall time of the sampling (speed-up against uncached), the verifier's
+adherence, and the PSNR of the cached images against the uncached ones. Writes
+``benchmarks/results/cache_adherence_<run>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ldmkit.accel.cache import deepcache
+from ldmkit.data.shapes import make_prompts
+from ldmkit.eval.diffusion import PROMPT_SEED
+from ldmkit.eval.shapes_verifier import adherence
+from ldmkit.pipelines import load_pipeline
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a - b).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("run", help="a shapes text-to-image run folder")
+    p.add_argument("--n", type=int, default=128, help="prompts per group (1 and 2 objects)")
+    p.add_argument("--intervals", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--branch", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    pipe = load_pipeline(args.run)
+    groups = {k: make_prompts(args.n, seed=PROMPT_SEED + k, num_objects=k) for k in (1, 2)}
+
+    def sample(prompts: list[str]) -> torch.Tensor:
+        return pipe(prompts, seed=0, output="tensor", progress=False)
+
+    rows, reference = [], {}
+    for interval in [1, *args.intervals]:  # interval 1: the uncached reference
+        row: dict = {"interval": interval, "branch": args.branch, "seconds": 0.0}
+        for k, prompts in groups.items():
+            t0 = time.perf_counter()
+            if interval == 1:
+                images = sample(prompts)
+                reference[k] = images
+            else:
+                with deepcache(pipe, interval=interval, branch=args.branch) as cached:
+                    images = sample(prompts)
+                row["cached_calls"] = row.get("cached_calls", 0) + cached.cached_calls
+                row["full_calls"] = row.get("full_calls", 0) + cached.full_calls
+            row["seconds"] += time.perf_counter() - t0
+            row[f"{k}_object"] = adherence(images, prompts)["accuracy"]
+            row[f"psnr_{k}_object"] = psnr(images, reference[k])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for row in rows:
+        row["speedup"] = rows[0]["seconds"] / row["seconds"]
+    name = Path(args.run).name
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = pipe.config
+    meta = {"run": args.run, "n": args.n, "sampler": cfg.sampler, "steps": cfg.steps,
+            "guidance": cfg.guidance, "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
+    (out / f"cache_adherence_{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    lines = [
+        f"`python benchmarks/cache_adherence.py {args.run} --n {args.n} --intervals "
+        f"{' '.join(map(str, args.intervals))}` ({meta['date']}; {cfg.sampler}, {cfg.steps} "
+        f"steps, CFG {cfg.guidance}; {args.n} prompts per group)",
+        "",
+        "| DeepCache interval | sampling s | speed-up | 1 object | 2 objects | PSNR vs uncached "
+        "(1 / 2 obj.) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        label = "off" if r["interval"] == 1 else str(r["interval"])
+        lines.append(
+            f"| {label} | {r['seconds']:.1f} | {r['speedup']:.2f}x | {100 * r['1_object']:.1f}% "
+            f"| {100 * r['2_object']:.1f}% | {r['psnr_1_object']:.1f} / "
+            f"{r['psnr_2_object']:.1f} dB |"
+        )
+    (out / f"cache_adherence_{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
