@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ldmkit.nn.attention as attention
 import ldmkit.nn.layers as layers
-from ldmkit.accel.slicing import attention_slicing, sliced_sdpa
+from ldmkit.accel.slicing import attention_slicing
 from ldmkit.accel.tiling import blend_weights, run_tiled, tile_starts, tiled_decode, tiled_encode
 from ldmkit.autoencoders.base import AutoencoderConfig
 from ldmkit.autoencoders.kl import AutoencoderKL
@@ -213,24 +212,25 @@ def test_slicing_chunks_queries_and_masks(monkeypatch: pytest.MonkeyPatch) -> No
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
     # a mask broadcast over the queries is passed whole
     pad = torch.ones(2, 1, 1, 6, dtype=torch.bool)
-    out = sliced_sdpa(kernel, q, k, v, pad, slice_size=3)
+    seen.clear()
+    with torch.no_grad(), attention_slicing(3):
+        out = layers.sdpa(q, k, v, attn_mask=pad)
+    assert [s[:2] for s in seen] == [(3, 2)] * 3 + [(1, 2)]
     torch.testing.assert_close(out, kernel(q, k, v, attn_mask=pad), atol=1e-6, rtol=0)
 
 
-def test_slicing_is_reversible() -> None:
-    original = layers.sdpa
-    assert attention.sdpa is original
-    with attention_slicing(None):
-        assert layers.sdpa is original
+def test_slicing_is_scoped_and_nests() -> None:
+    assert layers.QUERY_SLICE.get() is None
     with attention_slicing(8):
-        outer = layers.sdpa
-        assert outer is not original and attention.sdpa is outer
+        assert layers.QUERY_SLICE.get() == 8
         with attention_slicing(2):  # nested: the inner size applies, then the outer returns
-            assert layers.sdpa is not outer and attention.sdpa is layers.sdpa
-        assert layers.sdpa is outer and attention.sdpa is outer
-    assert layers.sdpa is original and attention.sdpa is original
+            assert layers.QUERY_SLICE.get() == 2
+        with attention_slicing(None):  # off inside
+            assert layers.QUERY_SLICE.get() is None
+        assert layers.QUERY_SLICE.get() == 8
+    assert layers.QUERY_SLICE.get() is None
     with pytest.raises(RuntimeError, match="boom"), attention_slicing(4):
         raise RuntimeError("boom")
-    assert layers.sdpa is original and attention.sdpa is original
+    assert layers.QUERY_SLICE.get() is None
     with pytest.raises(ValueError, match="slice_size"), attention_slicing(0):
         pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +31,33 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNo
 _MATH_KERNEL_MAX_SCORES = 256 * 256
 
 
+# Attention slicing (``ldmkit.accel.slicing.attention_slicing``): when set, ``sdpa`` runs the
+# queries in chunks of this many rows. A ContextVar, so it is per thread / async task.
+QUERY_SLICE: ContextVar[int | None] = ContextVar("ldmkit_attention_query_slice", default=None)
+
+
 def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Attention [B, H, L, D]; in query chunks inside ``attention_slicing`` (exact: each query's
+    output depends only on itself and all keys/values)."""
+    size = QUERY_SLICE.get()
+    n = q.shape[-2]
+    if size is None or n <= size:
+        return _sdpa(q, k, v, attn_mask)
+    rows_mask = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == n
+    out: torch.Tensor | None = None
+    for start in range(0, n, size):
+        rows = slice(start, start + size)
+        mask = attn_mask[..., rows, :] if rows_mask else attn_mask  # per-query masks sliced
+        chunk = _sdpa(q[..., rows, :], k, v, mask)
+        if out is None:  # written in place, so only one chunk is extra
+            out = chunk.new_empty(*chunk.shape[:-2], n, chunk.shape[-1])
+        out[..., rows, :] = chunk
+    return out
+
+
+def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention``, with the math kernel for short CPU training sequences.
