@@ -386,3 +386,29 @@ def test_tiled_vae_and_deepcache_on_a_checkpoint(sd15):
     assert cached.cached_calls > 0 and pipe.denoiser.net.unet is pipe.unet  # restored
     exact = pipe(PROMPTS, output="latent", **kw)
     assert torch.isfinite(fast).all() and not torch.equal(fast, exact)
+
+
+def test_sd2_text_encoder_drops_the_unused_last_block_and_keeps_it():
+    from ldmkit.interop.clip import encode_prompt_hidden, hf_to_openclip
+    from ldmkit.interop.families import FAMILIES
+    from ldmkit.interop.load import _text_encoder_from_single
+
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=24,
+        num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=0, projection_dim=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    full = randomize(transformers.CLIPTextModelWithProjection(cfg), 7)
+    openclip, _ = hf_to_openclip(dict(full.state_dict()))
+    spec = FAMILIES["sd2-v"].text_encoders[0]
+    model, used, leftover = _text_encoder_from_single(openclip, spec)
+    assert model.config.num_hidden_layers == 23 and used.layer == "last"
+    assert "text_projection" in leftover
+    assert any(k.startswith("transformer.resblocks.23.") for k in leftover)
+    ids = clip_tokenizer(pad_token="!")(PROMPTS, padding="max_length", max_length=77,
+                                        return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        ours, _ = encode_prompt_hidden(model, ids, "last", True)
+        ref, _ = encode_prompt_hidden(full, ids, "penultimate", True)  # OpenCLIP's definition
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
