@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ldmkit.conditioning.hf import _check_tokenizer, _transformers
+from ldmkit.interop.modules import check_state_dict, names
 
 if TYPE_CHECKING:
     from transformers import (
@@ -333,11 +334,6 @@ def clip_text_config(
     return tf.CLIPTextConfig(**options)
 
 
-def _names(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" … ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def build_clip_text_model(
     sd_hf: Mapping[str, Tensor],
     config: CLIPTextConfig,
@@ -374,25 +370,7 @@ def build_clip_text_model(
         model = cls(config)  # shapes only: no memory, no random init
     if not hasattr(model, "text_model"):  # transformers >= 5.6 flattens CLIPTextModel's keys
         sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in sd and sd[k].shape != expected[k].shape
-    ]
-    problems = [
-        f"{what}: {_names(keys)}"
-        for what, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        )
-        if keys
-    ]
-    if problems:
-        raise ValueError(f"cannot build {cls.__name__}: " + "; ".join(problems))
+    check_state_dict(model.state_dict(), sd, cls.__name__)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     # Non-persistent buffers stay on meta after assign: rebuild position_ids = [[0 .. L-1]].
@@ -402,7 +380,7 @@ def build_clip_text_model(
     embeddings.position_ids = positions.expand((1, -1))
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
-        raise RuntimeError(f"tensors left on the meta device: {_names(left)}")
+        raise RuntimeError(f"tensors left on the meta device: {names(left)}")
     return model.eval()
 
 

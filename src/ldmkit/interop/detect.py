@@ -35,6 +35,7 @@ from ldmkit.interop.families import (  # re-exported: the family table is part o
     match_family,
     unet_mismatch,
 )
+from ldmkit.interop.modules import shape_of
 
 __all__ = [
     "COMPONENTS", "FAMILIES", "ComponentSplit", "Detection", "Family", "SchedulerSpec",
@@ -95,14 +96,10 @@ def split_single_file(state: Mapping[str, Any]) -> ComponentSplit:
 
 
 # -- inferring network configs ----------------------------------------------------------------
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in (value.shape if hasattr(value, "shape") else value))
-
-
 def _need(shapes: Mapping[str, Any], key: str, what: str) -> tuple[int, ...]:
     if key not in shapes:
         raise ValueError(f"not a CompVis/ldmkit {what} state dict: missing {key!r}")
-    return _shape(shapes[key])
+    return shape_of(shapes[key])
 
 
 def _indices(shapes: Mapping[str, Any], prefix: str) -> list[int]:
@@ -114,7 +111,7 @@ def _indices(shapes: Mapping[str, Any], prefix: str) -> list[int]:
 def _check_fit(shapes: Mapping[str, Any], model: torch.nn.Module, what: str, cfg: Any) -> None:
     """Raise unless ``shapes`` has exactly the model's keys with the model's shapes."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: _shape(v) for k, v in shapes.items()}
+    have = {k: shape_of(v) for k, v in shapes.items()}
     missing = sorted(want.keys() - have.keys())
     unexpected = sorted(have.keys() - want.keys())
     wrong = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
@@ -206,14 +203,14 @@ def infer_unet_config(
         attention_levels=attention_levels,
         transformer_depth=depth,
         transformer_depth_middle=None if mid == default_mid else mid,
-        context_dim=_shape(shapes[k_proj[0]])[1] if k_proj else None,
-        use_linear_in_transformer=bool(proj) and len(_shape(shapes[proj[0]])) == 2,
+        context_dim=shape_of(shapes[k_proj[0]])[1] if k_proj else None,
+        use_linear_in_transformer=bool(proj) and len(shape_of(shapes[proj[0]])) == 2,
         use_scale_shift_norm=emb == 2 * res_out,
         resblock_updown=updown,
-        num_classes=_shape(shapes["label_emb.weight"])[0] - 1
+        num_classes=shape_of(shapes["label_emb.weight"])[0] - 1
         if "label_emb.weight" in shapes
         else None,
-        vector_dim=_shape(shapes["label_emb.0.0.weight"])[1]
+        vector_dim=shape_of(shapes["label_emb.0.0.weight"])[1]
         if "label_emb.0.0.weight" in shapes
         else None,
         concat_channels=total_in - in_ch,
@@ -294,9 +291,11 @@ def _te_info(sd: Mapping[str, Any]) -> tuple[str, int | None, int]:
     tok = next((k for k in sd if k.endswith("embeddings.token_embedding.weight")), None)
     if tok is not None:
         layers = _indices(sd, tok.replace("embeddings.token_embedding.weight", "encoder.layers."))
-        return "hf", _shape(sd[tok])[1], len(layers)
+        return "hf", shape_of(sd[tok])[1], len(layers)
     if "token_embedding.weight" in sd or any(k.startswith("transformer.resblocks.") for k in sd):
-        width = _shape(sd["token_embedding.weight"])[1] if "token_embedding.weight" in sd else None
+        width = (
+            shape_of(sd["token_embedding.weight"])[1] if "token_embedding.weight" in sd else None
+        )
         return "openclip", width, len(_indices(sd, "transformer.resblocks."))
     return "unknown", None, 0
 
@@ -500,8 +499,8 @@ def guess_unet_heads(shapes: Mapping[str, Sequence[int]]) -> dict[str, int | Non
     """Heads for a UNet without a family, by the releases' convention: 64 channels per head
     with Linear projections and a context other than 768 (SD 2.x, XL), else 8 heads (SD 1.x);
     ``None`` (``infer_unet_config``'s default) where the widths do not divide."""
-    proj = [_shape(v) for k, v in shapes.items() if k.endswith("proj_in.weight")]
-    ctx = [_shape(v)[1] for k, v in sorted(shapes.items()) if k.endswith("attn2.to_k.weight")]
+    proj = [shape_of(v) for k, v in shapes.items() if k.endswith("proj_in.weight")]
+    ctx = [shape_of(v)[1] for k, v in sorted(shapes.items()) if k.endswith("attn2.to_k.weight")]
     widths = {s[0] for s in proj}
     if proj and len(proj[0]) == 2 and ctx[:1] != [768] and all(w % 64 == 0 for w in widths):
         return {"num_heads": None, "num_head_channels": 64}

@@ -8,7 +8,7 @@ assigned to it as they are (``load_state_dict(assign=True)``), so the weights ex
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,29 +20,36 @@ class StateDictMismatch(ValueError):
     """Weights that do not fit the network built for them (keys and shapes named)."""
 
 
-def _names(keys: list[str], limit: int = 8) -> str:
+def names(keys: list[str], limit: int = 8) -> str:
+    """Up to ``limit`` of ``keys``, comma-separated, with the count of the rest."""
     shown = ", ".join(keys[:limit])
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str
-) -> None:
-    """Raise :class:`StateDictMismatch` naming missing keys, unexpected keys and shape mismatches."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = [
-        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(given))
-        if tuple(given[k].shape) != tuple(expected[k].shape)
-    ]
+def shape_of(value: Any) -> tuple[int, ...]:
+    """The shape of a tensor (or of anything with ``.shape``), or a shape given as a sequence."""
+    return tuple(int(s) for s in (value.shape if hasattr(value, "shape") else value))
+
+
+def check_state_dict(expected: Mapping[str, Any], given: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`StateDictMismatch` naming missing keys, unexpected keys and shape mismatches.
+
+    Values are tensors, or anything with ``.shape``, or shapes. The error is raised before
+    anything is built, so bad weights never leave a half-loaded network.
+    """
+    want = {k: shape_of(v) for k, v in expected.items()}
+    have = {k: shape_of(v) for k, v in given.items()}
+    missing = sorted(want.keys() - have.keys())
+    unexpected = sorted(have.keys() - want.keys())
+    wrong = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} keys: {_names(missing)}")
+        problems.append(f"missing keys: {names(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys: {_names(unexpected)}")
+        problems.append(f"unexpected keys: {names(unexpected)}")
     if wrong:
-        problems.append(f"{len(wrong)} shape mismatches: {_names(wrong, 4)}")
+        shown = [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in wrong]
+        problems.append(f"shape mismatches: {names(shown, 4)}")
     if problems:
         raise StateDictMismatch(f"{what} weights do not fit: " + "; ".join(problems))
 
@@ -67,5 +74,5 @@ def build_from_state_dict(
     module.load_state_dict(state, strict=True, assign=True)
     unset = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if unset:
-        raise StateDictMismatch(f"{what}: the weights leave {_names(unset)} unset")
+        raise StateDictMismatch(f"{what}: the weights leave {names(unset)} unset")
     return module.eval()
