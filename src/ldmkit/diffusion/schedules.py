@@ -51,8 +51,10 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Lin et al. (2023), Algorithm 1: shift and scale sqrt(abar) so that abar_{T-1} = 0.
 
     sqrt(abar_0) is kept; the last beta becomes 1 (its sigma is inf, see the module note).
+    Computed in ``betas``' dtype (float64 for this module's schedules; float32 for diffusers'
+    tables, see ``ldmkit.interop.schedulers``).
     """
-    sqrt_abar = torch.cumprod(1 - betas.double(), 0).sqrt()
+    sqrt_abar = torch.cumprod(1 - betas, 0).sqrt()
     first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
     sqrt_abar = (sqrt_abar - last) * first / (first - last)
     abar = sqrt_abar**2

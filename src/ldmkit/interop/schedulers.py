@@ -16,9 +16,9 @@ grid rules of diffusers 0.3x-0.4x, chosen by the sampler:
 
 A config without ``timestep_spacing`` (Stable Diffusion 1.x's own, for one) gets each
 scheduler's default, as diffusers' ``from_config`` does: ``leading`` for DDIM, ``linspace``
-for Euler and DPM-Solver. The noise table is computed as diffusers computes it (float32 ``alphas_cumprod``), and the
-denoiser receives, at each grid sigma, exactly the timestep diffusers passes to its UNet
-(:class:`GridTimestepDenoiser`). Known difference: diffusers' DDIM steps from ``t`` to
+for Euler and DPM-Solver. The noise table is computed as diffusers computes it (float32
+``alphas_cumprod``), and the denoiser receives, at each grid sigma, exactly the timestep
+diffusers passes to its UNet (:class:`GridTimestepDenoiser`). Known difference: diffusers' DDIM steps from ``t`` to
 ``t - T // steps``, which is not the next grid point for ``linspace`` spacing (or ``trailing``
 when ``T % steps != 0``); ldmkit always steps to the next grid point.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ldmkit.diffusion.denoiser import DiscreteVPDenoiser
-from ldmkit.diffusion.schedules import SIGMA_INF_CLAMP
+from ldmkit.diffusion.schedules import SIGMA_INF_CLAMP, rescale_zero_terminal_snr
 
 RULES = {
     "ddim": "ddim",
@@ -112,22 +112,22 @@ def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
         f = [math.cos((i / n + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(n + 1)]
         betas = torch.tensor([min(1 - f[i + 1] / f[i], 0.999) for i in range(n)])
     if cfg.rescale_betas_zero_snr:  # Lin et al. 2024, Algorithm 1, in float32 as diffusers
-        root = torch.cumprod(1.0 - betas, 0).sqrt()
-        first, last = root[0].clone(), root[-1].clone()
-        root = (root - last) * first / (first - last)
-        abar = root**2
-        alphas = torch.cat([abar[0:1], abar[1:] / abar[:-1]])
-        betas = 1 - alphas
+        betas = rescale_zero_terminal_snr(betas)
     abar = torch.cumprod(1.0 - betas, 0)
     if cfg.rescale_betas_zero_snr:
         abar[-1] = 2**-24  # diffusers' finite stand-in for abar_T = 0
     return abar
 
 
-def train_sigmas(cfg: SchedulerConfig) -> torch.Tensor:
-    """sigma_t = sqrt((1 - abar_t) / abar_t), float32 arithmetic as diffusers, as float64."""
+def _sigma_table(cfg: SchedulerConfig) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) in float32, as diffusers' schedulers compute it."""
     abar = alphas_cumprod(cfg)
-    return (((1 - abar) / abar) ** 0.5).double()
+    return ((1 - abar) / abar) ** 0.5
+
+
+def train_sigmas(cfg: SchedulerConfig) -> torch.Tensor:
+    """The training sigmas (float32 arithmetic as diffusers), as float64 for the denoiser."""
+    return _sigma_table(cfg).double()
 
 
 def _karras(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
@@ -169,8 +169,7 @@ def diffusers_grid(cfg: SchedulerConfig, sampler: str, steps: int) -> Grid:
     n = cfg.num_train_timesteps
     if not 1 <= steps <= n:
         raise ValueError(f"steps must be in [1, {n}], got {steps}")
-    table = ((1 - alphas_cumprod(cfg)) / alphas_cumprod(cfg)) ** 0.5
-    table = table.numpy()  # float32, as diffusers' np.array(((1 - abar) / abar) ** 0.5)
+    table = _sigma_table(cfg).numpy()  # float32, as diffusers' np.array(((1 - abar) / abar) ** 0.5)
     rule = RULES[sampler]
     # a config without timestep_spacing gets each diffusers scheduler's own default
     spacing = cfg.timestep_spacing or ("leading" if rule == "ddim" else "linspace")
