@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from ldmkit.accel.fastpaths import prepare_for_inference
 from ldmkit.autoencoders.base import AutoencoderConfig
 from ldmkit.autoencoders.kl import AutoencoderKL
 from ldmkit.config import from_dict, to_dict
@@ -95,13 +94,7 @@ def load_stable_diffusion(
         _set_prediction(pipe, prediction)
     for note in pipe.notes:
         logger.warning("%s: %s", p.name, note)
-    if dtype is not None:
-        prepare_for_inference(pipe.unet, dtype)  # + channels-last for bf16/fp16
-        for te in pipe.text_encoders:
-            te.to(dtype)
-    if vae_dtype is not None:
-        pipe.vae.to(vae_dtype)
-    return pipe
+    return pipe.to(dtype, vae_dtype=vae_dtype)
 
 
 def _set_prediction(pipe: StableDiffusionPipeline, prediction: str) -> None:
@@ -218,7 +211,8 @@ def _load_diffusers_folder(
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if part not in index or not (folder / part).is_dir():
             raise CheckpointFormatError(f"{folder}: the diffusers folder has no {part}/")
-    unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
+    unet_json = _read_json(folder / "unet" / "config.json")
+    unet_cfg = unet_config_from_diffusers(unet_json)
     vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = SchedulerConfig.from_diffusers(_read_json(sched_path))
@@ -234,7 +228,7 @@ def _load_diffusers_folder(
     fam = detect.family_for_diffusers(
         unet_cfg, two_encoders=two, prediction=sched.prediction,
         hidden_act=_read_json(folder / "text_encoder" / "config.json").get("hidden_act"),
-        image_size=_read_json(folder / "unet" / "config.json").get("sample_size"),
+        image_size=unet_json.get("sample_size"),
         name=family,
     )  # fmt: skip
     encoders, tokenizers, specs = [], [], []

@@ -124,13 +124,17 @@ class StableDiffusionPipeline:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def to(self, dtype: torch.dtype, *, vae_dtype: torch.dtype = torch.float32):
+    def to(
+        self, dtype: torch.dtype | None, *, vae_dtype: torch.dtype | None = torch.float32
+    ) -> StableDiffusionPipeline:
         """Cast the UNet and text encoders to ``dtype``; the VAE stays in ``vae_dtype`` (fp32:
-        the SD VAE overflows in fp16 and gives black images)."""
-        prepare_for_inference(self.unet, dtype)
-        for te in self.text_encoders:
-            te.to(dtype)
-        self.vae.to(vae_dtype)
+        the SD VAE overflows in fp16 and gives black images). ``None`` leaves a part as it is."""
+        if dtype is not None:
+            prepare_for_inference(self.unet, dtype)  # + channels-last for bf16/fp16
+            for te in self.text_encoders:
+                te.to(dtype)
+        if vae_dtype is not None:
+            self.vae.to(vae_dtype)
         return self
 
     def compile(
