@@ -21,36 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from speed import SD15, build_unet, peak_rss_gib
 
-SD15_UNET = dict(
-    in_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-    attention_levels=(0, 1, 2), num_heads=8, transformer_depth=1, context_dim=768,
-)  # fmt: skip
+RESULTS = Path(__file__).parent / "results"
 
 
 def write_weights(path: Path) -> None:
-    import torch
-
-    from ldmkit.denoisers.unet import UNet, UNetConfig
     from ldmkit.interop.files import write_safetensors
 
-    torch.manual_seed(0)
-    unet = UNet(UNetConfig(**SD15_UNET))
-    with torch.no_grad():  # the zero-initialised output layers get random weights too
-        for p in unet.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
+    unet = build_unet(SD15)  # speed.py's: fixed seed, every layer random
     state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     write_safetensors(state, path, metadata={"format": "pt"})
-
-
-def peak_rss_gib() -> float:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is reset by exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def measure(path: Path, threads: int) -> dict:

@@ -52,6 +52,7 @@ def peak_rss_reset() -> None:
 
 
 def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is reset by exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
