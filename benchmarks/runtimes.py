@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from speed import rss_gib
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -168,14 +169,6 @@ def onnxruntime_unet(
 # --- the comparison -------------------------------------------------------------------------
 
 
-def _rss_gib(field: str = "VmRSS") -> float:
-    """This process's resident memory (``VmHWM``: its peak) in GiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def _cpu_ticks() -> tuple[int, int]:
     """(busy ticks of the whole machine, ticks of this process) from /proc."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -238,13 +231,13 @@ def _build(
 ) -> tuple[Fn, dict]:
     """(fn, its figures): one-off seconds, RSS added, max abs diff from ``exact``."""
     gc.collect()
-    rss0 = _rss_gib()
+    rss0 = rss_gib()
     fn, seconds = make()
     gc.collect()
     with torch.inference_mode():
         out = fn(*example)
     diff = float((out.float() - exact).abs().max())
-    return fn, {"convert_s": seconds, "rss_added_gib": _rss_gib() - rss0, "max_abs_diff": diff}
+    return fn, {"convert_s": seconds, "rss_added_gib": rss_gib() - rss0, "max_abs_diff": diff}
 
 
 def _fp32_case(
@@ -347,7 +340,7 @@ def compare(args: argparse.Namespace) -> dict:
         gc.collect()
         cases["bf16"] = _bf16_case(unet, ov, ov_info, example, exact, args)
     return {"layout": args.layout, "size": args.size, "repeats": args.repeats,
-            "threads": args.threads, "cases": cases, "peak_rss_gib": _rss_gib("VmHWM")}  # fmt: skip
+            "threads": args.threads, "cases": cases, "peak_rss_gib": rss_gib("VmHWM")}  # fmt: skip
 
 
 def markdown(res: dict, command: str) -> str:

@@ -51,12 +51,18 @@ def peak_rss_reset() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is reset by exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
+def rss_gib(field: str = "VmRSS") -> float:
+    """This process's resident memory in GiB from /proc/self/status (``VmHWM``: its peak,
+    which unlike ru_maxrss is reset by exec); nan where that file does not exist."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
     return float("nan")
+
+
+def peak_rss_gib() -> float:
+    return rss_gib("VmHWM")
 
 
 def calibrate(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
