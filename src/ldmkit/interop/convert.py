@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ldmkit.interop import clip
+from ldmkit.interop.detect import UNET_PREFIX, VAE_PREFIX
 from ldmkit.interop.diffusers_format import (
     unet_config_to_diffusers,
     unet_keys_to_diffusers,
@@ -43,7 +44,6 @@ from ldmkit.interop.pipeline import StableDiffusionPipeline
 from ldmkit.utils.io import atomic_write_dir, atomic_write_json
 
 FORMATS = ("diffusers", "single-file", "ldmkit")
-UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

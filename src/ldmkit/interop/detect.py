@@ -38,8 +38,8 @@ from ldmkit.interop.families import (  # re-exported: the family table is part o
 from ldmkit.interop.modules import shape_of
 
 __all__ = [
-    "COMPONENTS", "FAMILIES", "ComponentSplit", "Detection", "Family", "SchedulerSpec",
-    "TextEncoderSpec", "detect", "family_for_diffusers", "family_for_prediction",
+    "COMPONENTS", "FAMILIES", "UNET_PREFIX", "VAE_PREFIX", "ComponentSplit", "Detection",
+    "Family", "SchedulerSpec", "TextEncoderSpec", "detect", "family_for_diffusers", "family_for_prediction",
     "family_unet_config", "family_vae_config", "fit_family", "guess_unet_heads",
     "infer_unet_config", "infer_vae_config", "match_family", "split_single_file", "unet_mismatch",
 ]  # fmt: skip
@@ -50,9 +50,10 @@ ComponentSplit = dict[str, dict[str, Any]]
 
 
 # -- splitting a single file ------------------------------------------------------------------
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."  # original layout
 _PREFIXES = (  # (prefix, component); openclip visual tower and logit_scale stay in "extra"
-    ("model.diffusion_model.", "unet"),
-    ("first_stage_model.", "vae"),
+    (UNET_PREFIX, "unet"),
+    (VAE_PREFIX, "vae"),
     ("cond_stage_model.transformer.", "text_encoder"),
     ("cond_stage_model.model.", "text_encoder"),
     ("conditioner.embedders.0.transformer.", "text_encoder"),

@@ -21,6 +21,7 @@ from typing import Any
 
 from ldmkit.autoencoders.kl import AutoencoderKL
 from ldmkit.config import to_dict
+from ldmkit.interop.detect import UNET_PREFIX, VAE_PREFIX
 from ldmkit.interop.diffusers_format import (
     unet_config_to_diffusers,
     unet_keys_to_diffusers,
@@ -95,10 +96,8 @@ def export_run(run: str | Path, out: str | Path, to: str) -> Path:
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new path (nothing was written)")
     if to == "single-file":
-        state = {
-            "model.diffusion_model." + k: v for k, v in pipe.model.denoiser.net.state_dict().items()
-        }
-        state.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+        state = {UNET_PREFIX + k: v for k, v in pipe.model.denoiser.net.state_dict().items()}
+        state.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
         write_safetensors(state, out, metadata={"format": "pt"})
         return out
     if to != "diffusers":

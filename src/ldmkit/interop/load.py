@@ -131,7 +131,7 @@ def _load_single_file(
     else:
         unet_cfg, vae_cfg = found.unet, found.vae
         sched = SchedulerConfig.from_diffusers(found.family.scheduler_config())
-    for part, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model.")):
+    for part, prefix in (("unet", detect.UNET_PREFIX), ("vae", detect.VAE_PREFIX)):
         if part not in parts:
             raise CheckpointFormatError(f"{path}: no {part.upper()} weights ({prefix}*)")
     extras = dict(parts.get("extra", {}))
