@@ -16,15 +16,19 @@ naming a complete checkpoint (the old one or the new one). Nothing is ever unpic
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldmkit.utils.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from ldmkit.utils.io import (
+    atomic_write_dir,
+    atomic_write_json,
+    atomic_write_text,
+    load_tensors,
+    save_tensors,
+)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -50,20 +54,16 @@ def save_checkpoint(
 ) -> Path:
     """Write a complete checkpoint for ``step`` and point ``latest`` at it."""
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         save_tensors(model_weights, tmp / "model.safetensors")
         atomic_write_json(tmp / "model.json", model_config)
         save_tensors(state_tensors, tmp / "state.safetensors")
         atomic_write_json(tmp / "state.json", state_json)
-        if final.exists():  # e.g. the same step saved again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # replace: the same step may be saved again after a resume
+    atomic_write_dir(final, write, replace=True)
     atomic_write_text(root / LATEST, final.name + "\n")
     _prune(root, keep=keep, protect=final.name)
     return final

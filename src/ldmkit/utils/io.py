@@ -39,20 +39,25 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write_dir(
+    path: str | Path, write: Callable[[Path], None], *, replace: bool = False
+) -> Path:
     """Call ``write(tmp_dir)`` on a new temporary sibling folder, then rename it to ``path``.
 
-    ``path`` must not exist (a FileExistsError says so before anything is written); a failure
-    removes the temporary folder, so ``path`` appears complete or not at all.
+    Unless ``replace``, ``path`` must not exist (a FileExistsError says so before anything is
+    written); with it, an existing ``path`` is removed only once the new folder is complete.
+    A failure removes the temporary folder, so ``path`` appears complete or not at all.
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() and not replace:
         raise FileExistsError(f"{path} exists; choose a new folder (nothing was written)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(tmp)
-        tmp.rename(path)
+        if path.exists():  # replace=True
+            shutil.rmtree(path)
+        os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
