@@ -58,19 +58,16 @@ def build_from_state_dict(
     factory: Callable[[], M],
     state: Mapping[str, torch.Tensor],
     what: str,
-    dtype: torch.dtype | None = None,
 ) -> M:
     """``factory()`` built on the meta device, checked against ``state`` and filled from it.
 
-    Floating tensors are cast to ``dtype`` when given (read the file in the right dtype instead
-    to keep one copy). Anything the weights leave unset (e.g. a non-persistent buffer) is an
-    error, never silently left uninitialised.
+    The tensors are used as they are (dtype included; cast the module afterwards). Anything the
+    weights leave unset (e.g. a non-persistent buffer) is an error, never silently left
+    uninitialised.
     """
     with torch.device("meta"):
         module = factory()
     check_state_dict(module.state_dict(), state, what)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
     unset = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if unset:
