@@ -412,3 +412,12 @@ def test_sd2_text_encoder_drops_the_unused_last_block_and_keeps_it():
         ours, _ = encode_prompt_hidden(model, ids, "last", True)
         ref, _ = encode_prompt_hidden(full, ids, "penultimate", True)  # OpenCLIP's definition
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_low_precision_single_file_load_leaves_the_vae_exact(sd15, tmp_path):
+    _, _, _, pipe = sd15
+    single = save_single_file(pipe, tmp_path / "m.safetensors")
+    low = load_stable_diffusion(single, dtype=torch.bfloat16)
+    assert next(low.unet.parameters()).dtype == torch.bfloat16
+    for k, v in pipe.vae.state_dict().items():  # not rounded through bf16 on the way in
+        assert torch.equal(low.vae.state_dict()[k], v), k

@@ -80,7 +80,7 @@ def load_stable_diffusion(
     p = Path(path).expanduser()
     if p.is_dir():
         if (p / LDMKIT_MANIFEST).is_file():
-            pipe = _load_ldmkit_folder(p, dtype)
+            pipe = _load_ldmkit_folder(p)
         elif (p / "model_index.json").is_file():
             pipe = _load_diffusers_folder(p, family, dtype, allow_pickle)
         else:
@@ -89,7 +89,7 @@ def load_stable_diffusion(
                 "(ldmkit export); pass a single checkpoint file or one of those folders"
             )
     else:
-        pipe = _load_single_file(p, family, dtype, allow_pickle)
+        pipe = _load_single_file(p, family, allow_pickle)
     if prediction is not None:
         _set_prediction(pipe, prediction)
     for note in pipe.notes:
@@ -107,9 +107,10 @@ def _set_prediction(pipe: StableDiffusionPipeline, prediction: str) -> None:
 
 # -- single files ---------------------------------------------------------------------------
 def _load_single_file(
-    path: Path, family: str | None, dtype: torch.dtype, allow_pickle: bool
+    path: Path, family: str | None, allow_pickle: bool
 ) -> StableDiffusionPipeline:
-    state, metadata = read_weights(path, allow_pickle=allow_pickle, dtype=dtype)
+    # as stored: the VAE must not round-trip through the UNet's dtype (pipe.to casts by part)
+    state, metadata = read_weights(path, allow_pickle=allow_pickle)
     described = json.loads(metadata[LDMKIT_META]) if LDMKIT_META in metadata else None
     parts = detect.split_single_file(state)
     if set(parts) - {"extra"} in ({"unet"}, {"vae"}):
@@ -255,9 +256,9 @@ def _load_diffusers_folder(
 
 
 # -- ldmkit export folders ------------------------------------------------------------------
-def _load_ldmkit_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+def _load_ldmkit_folder(folder: Path) -> StableDiffusionPipeline:
     manifest = _read_json(folder / LDMKIT_MANIFEST)
-    state, _ = read_weights(folder / "model.safetensors", dtype=dtype)
+    state, _ = read_weights(folder / "model.safetensors")  # as stored; cast by part later
     fam = detect.FAMILIES[manifest["family"]]
     unet_cfg = from_dict(UNetConfig, manifest["unet"])
     vae_cfg = from_dict(AutoencoderConfig, manifest["vae"])
