@@ -66,8 +66,10 @@ def openvino_convert(
     """
     import openvino as ov
 
+    from ldmkit.accel.prepack import unpacked
+
     unet.eval()
-    with torch.no_grad():
+    with torch.no_grad(), unpacked(unet):
         model = ov.convert_model(unet, example_input=tuple(example))
     if static:
         model.reshape({i: list(e.shape) for i, e in zip(model.inputs, example, strict=True)})
@@ -132,12 +134,14 @@ def onnxruntime_unet(
     """
     import onnxruntime as ort
 
+    from ldmkit.accel.prepack import unpacked
+
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "unet.onnx"
     t0 = time.perf_counter()
     unet.eval()
-    with torch.no_grad():
+    with torch.no_grad(), unpacked(unet):
         program = torch.onnx.export(
             unet,
             tuple(example),

@@ -8,11 +8,14 @@ to diffusers (so host drift cancels), the fraction of this CPU's measured peak F
 peak resident memory and the max abs difference of the output from diffusers' fp32 output.
 
 Contenders: ``diffusers`` (eager, ``.to(dtype)``), ``ldmkit`` (eager, its default fast paths:
-channels-last for bf16/fp16), ``ldmkit+compile`` (opt-in ``torch.compile`` with weight
-freezing, with ``--compile``; its one-off compile time is reported).
+pre-packed oneDNN weights, channels-last for bf16/fp16), ``ldmkit+compile`` (opt-in
+``torch.compile`` with weight freezing, with ``--compile``; its one-off compile time is
+reported), and with ``--runtimes`` the UNet in OpenVINO (fp32 and bf16 precision hints) and
+ONNX Runtime (fp32), converted from the same weights (``runtimes.py``; conversion time
+reported).
 
     python benchmarks/speed.py                       # SD 1.5 UNet 256 px, small UNet, VAE 256 px
-    python benchmarks/speed.py --sizes 256 512 --compile --repeats 5
+    python benchmarks/speed.py --sizes 256 512 --compile --runtimes --repeats 5
 
 Writes benchmarks/results/speed.json and speed.md. The host is shared and noisy (see
 ../shared/BENCHMARKING.md): trust the paired ratios more than absolute seconds.
@@ -144,6 +147,21 @@ def to_diffusers_unet(unet, sample_size: int):
     return ref.eval()
 
 
+def runtime_contenders(unet, example: tuple, dtype: torch.dtype, args) -> dict:
+    """OpenVINO (f32 or bf16 precision hint) and, in fp32, ONNX Runtime versions of the fp32
+    ``unet``: {name: (fn, conversion seconds)}. Their inputs and outputs stay fp32."""
+    import tempfile
+
+    from runtimes import onnxruntime_unet, openvino_unet
+
+    precision = "f32" if dtype == torch.float32 else "bf16"
+    out = {"OpenVINO": openvino_unet(unet, example, precision, args.threads)}
+    if dtype == torch.float32:
+        with tempfile.TemporaryDirectory() as tmp:  # the session holds the weights in memory
+            out["ONNX Runtime"] = onnxruntime_unet(unet, example, Path(tmp), args.threads)
+    return out
+
+
 def unet_case(name: str, cfg: dict, size: int, dtype: torch.dtype, args) -> dict:
     import copy
 
@@ -159,6 +177,7 @@ def unet_case(name: str, cfg: dict, size: int, dtype: torch.dtype, args) -> dict
     with torch.inference_mode():
         exact = ref(x, t, encoder_hidden_states=ctx).sample
     flops = count_flops(lambda: ref(x, t, encoder_hidden_states=ctx))
+    runtimes = runtime_contenders(unet, (x, t, ctx), dtype, args) if args.runtimes else {}
     ref.to(dtype)
     fast = prepare_for_inference(copy.deepcopy(unet) if args.compile else unet, dtype)
     xd, cd = x.to(dtype), ctx.to(dtype)
@@ -166,9 +185,11 @@ def unet_case(name: str, cfg: dict, size: int, dtype: torch.dtype, args) -> dict
         "diffusers": lambda: ref(xd, t, encoder_hidden_states=cd).sample,
         "ldmkit": lambda: fast(xd, t, cd),
     }
+    for rt, (fn, _) in runtimes.items():
+        fns[rt] = lambda fn=fn: fn(x, t, ctx)
     compile_s = None
-    if args.compile:
-        comp = torch.compile(prepare_for_inference(unet, dtype))
+    if args.compile:  # inductor packs the weights itself when freezing
+        comp = torch.compile(prepare_for_inference(unet, dtype, pack=False))
         t0 = time.perf_counter()
         with torch.inference_mode():
             comp(xd, t, cd)
@@ -181,6 +202,8 @@ def unet_case(name: str, cfg: dict, size: int, dtype: torch.dtype, args) -> dict
         row["gflop"] = flops / 1e9
     if compile_s is not None:
         rows["ldmkit+compile"]["compile_s"] = compile_s
+    for rt, (_, seconds) in runtimes.items():
+        rows[rt]["convert_s"] = seconds
     return {"case": f"{name} UNet step, batch 2, {size} px", "dtype": str(dtype), "rows": rows}
 
 
@@ -271,8 +294,11 @@ def t2i_case(size: int, dtype: torch.dtype, args) -> dict:
     """The whole text-to-image run: CLIP-L text encoder, SD 1.5 UNet, SD VAE, DPM-Solver++ 2M.
 
     diffusers runs every part in ``dtype`` (its pipelines take one dtype); ldmkit keeps its VAE
-    in fp32 (its default, against fp16 overflow).
+    in fp32 by default (against fp16 overflow), and in low precision a second ldmkit contender
+    runs the VAE in ``dtype`` too, as diffusers does.
     """
+    import copy
+
     import diffusers
     import transformers
 
@@ -309,11 +335,17 @@ def t2i_case(size: int, dtype: torch.dtype, args) -> dict:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).to(dtype)  # fmt: skip
     ref.set_progress_bar_config(disable=True)
-    pipe = StableDiffusionPipeline(
-        unet=prepare_for_inference(unet, dtype), vae=vae, text_encoders=[te.to(dtype)],
-        tokenizers=[tok], encoder_specs=FAMILIES["sd1"].text_encoders, family=FAMILIES["sd1"],
-        scheduler=SchedulerConfig.from_diffusers(dict(sched.config)),
-    )  # fmt: skip
+
+    def ldmkit_pipe(vae: torch.nn.Module) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline(
+            unet=unet, vae=vae, text_encoders=[te], tokenizers=[tok],
+            encoder_specs=FAMILIES["sd1"].text_encoders, family=FAMILIES["sd1"],
+            scheduler=SchedulerConfig.from_diffusers(dict(sched.config)),
+        )  # fmt: skip
+
+    prepare_for_inference(unet, dtype)
+    te.to(dtype)
+    pipe = ldmkit_pipe(vae)
     prompt, steps = "a photograph of an astronaut riding a horse", args.t2i_steps
     fns = {
         "diffusers": lambda: ref(
@@ -325,6 +357,12 @@ def t2i_case(size: int, dtype: torch.dtype, args) -> dict:
             width=size, output="tensor", progress=False,
         ),
     }  # fmt: skip
+    if dtype != torch.float32:
+        low = ldmkit_pipe(prepare_for_inference(copy.deepcopy(vae), dtype))
+        fns[f"ldmkit, VAE {str(dtype)[6:]}"] = lambda: low(
+            prompt, steps=steps, sampler="dpmpp_2m", guidance=7.5, seed=0, height=size,
+            width=size, output="tensor", progress=False,
+        )  # fmt: skip
     unet_flops = count_flops(lambda: d_unet(
         torch.zeros(2, 4, size // 8, size // 8, dtype=dtype), torch.tensor([1, 1]),
         encoder_hidden_states=torch.zeros(2, 77, 768, dtype=dtype),
@@ -359,7 +397,11 @@ def markdown(results: dict) -> str:
         peak = results["peak_gflops"]["bf16" if "bfloat16" in dt else "fp32"]
         for name, r in case["rows"].items():
             pct = 100 * r["gflop"] / r["min_s"] / peak
-            extra = f" (compile {r['compile_s']:.0f} s)" if "compile_s" in r else ""
+            extra = "".join(
+                f" ({what} {r[key]:.0f} s)"
+                for key, what in (("compile_s", "compile"), ("convert_s", "conversion"))
+                if key in r
+            )
             lines.append(
                 f"| {case['case']} | {dt} | {name}{extra} | {r['min_s']:.3f} | {r['median_s']:.3f} "
                 f"| {r.get('speedup_vs_diffusers', 1.0):.2f}x | {pct:.0f}% | "
@@ -375,6 +417,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time ldmkit + torch.compile")
+    p.add_argument(
+        "--runtimes",
+        action="store_true",
+        help="also time the UNets in OpenVINO (fp32, bf16) and ONNX Runtime (fp32); needs\n"
+        "pip install openvino==2026.4.1 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2",
+    )
     p.add_argument("--vae-size", type=int, default=256)
     p.add_argument("--t2i-steps", type=int, default=20, help="0 skips the text-to-image case")
     p.add_argument("--t2i-size", type=int, default=256)

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from ldmkit.accel.fastpaths import prepare_for_inference
+from ldmkit.accel.prepack import prepack, unpack
 from ldmkit.autoencoders.kl import AutoencoderKL
 from ldmkit.data.transforms import to_pil
 from ldmkit.denoisers.unet import UNet
@@ -83,7 +84,8 @@ class StableDiffusionPipeline:
     ):
         if len(text_encoders) != len(tokenizers) or len(text_encoders) != len(encoder_specs):
             raise ValueError("need one tokenizer and one spec per text encoder")
-        self.unet, self.vae = unet.eval(), vae.eval()
+        # weights packed for oneDNN at the first CPU call (ldmkit.accel.prepack; exact)
+        self.unet, self.vae = prepack(unet.eval()), prepack(vae.eval())
         self.text_encoders = [te.eval() for te in text_encoders]
         self.tokenizers, self.encoder_specs = list(tokenizers), list(encoder_specs)
         self.force_zeros_for_empty_prompt = (
@@ -130,11 +132,11 @@ class StableDiffusionPipeline:
         """Cast the UNet and text encoders to ``dtype``; the VAE stays in ``vae_dtype`` (fp32:
         the SD VAE overflows in fp16 and gives black images). ``None`` leaves a part as it is."""
         if dtype is not None:
-            prepare_for_inference(self.unet, dtype)  # + channels-last for bf16/fp16
+            prepare_for_inference(self.unet, dtype)  # channels-last for bf16/fp16, packed weights
             for te in self.text_encoders:
                 te.to(dtype)
         if vae_dtype is not None:
-            self.vae.to(vae_dtype)
+            prepare_for_inference(self.vae, vae_dtype)
         return self
 
     def compile(
@@ -155,6 +157,7 @@ class StableDiffusionPipeline:
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
+        unpack(self.unet)  # inductor traces plain layers (and packs them itself when freezing)
         self.denoiser.net.unet = torch.compile(self.unet, dynamic=dynamic)
         return self
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ldmkit.accel.prepack import prepack
 from ldmkit.autoencoders.base import AutoencoderBase
 from ldmkit.autoencoders.task import load_autoencoder
 from ldmkit.config import from_dict
@@ -27,8 +28,9 @@ class LatentDiffusionPipeline:
     def __init__(
         self, model: DiffusionModel, autoencoder: AutoencoderBase, latent_size: tuple[int, ...]
     ):
-        self.model = model.eval()
-        self.autoencoder = autoencoder.eval()
+        # weights packed for oneDNN at the first CPU call (ldmkit.accel.prepack; exact)
+        self.model = prepack(model.eval())
+        self.autoencoder = prepack(autoencoder.eval())
         self.latent_size = latent_size  # (C, H, W) of the training latents
 
     @property

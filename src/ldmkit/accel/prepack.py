@@ -1,0 +1,154 @@
+"""oneDNN weight pre-packing for CPU inference: convolutions and linear layers.
+
+An eager ``F.conv2d`` / ``F.linear`` on CPU reorders its weight into oneDNN's blocked layout on
+every call; ``torch.compile`` with freezing gets much of its CPU lead from doing that once.
+``prepack(module)`` does it once in eager mode: each ``nn.Conv2d`` / ``nn.Linear`` becomes a
+``PackedConv2d`` / ``PackedLinear`` that keeps its parameters (same names, same
+``state_dict``), and caches the packed copy of its weight for the last input shape it saw. The
+cache is rebuilt when the weight changes (its version counter, storage or dtype), so
+``load_state_dict`` and ``.to()`` stay correct; with gradients enabled, or off CPU, the layers
+run the ordinary path. The packed kernels are the ones inductor's freezing pass calls
+(``mkldnn._convolution_pointwise`` / ``_linear_pointwise``, and MKL's packed GEMM for fp32
+linear layers). They compute the same products; the summation order may differ from the
+kernel PyTorch picks for the plain layer, so outputs match to rounding (on the SD 1.5 UNet at
+256 px: bit-identical convolutions in bf16, 1.4e-5 max abs difference in fp32).
+
+Cost: the packed weights are a second copy of the conv/linear weights in memory.
+``unpack(module)`` turns the layers back into plain ones and frees the copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build and CPU can run packed oneDNN kernels in ``dtype``."""
+    if not torch.backends.mkldnn.is_available() or dtype not in _DTYPES:
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return True
+
+
+def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and x.dtype == weight.dtype
+        and available(x.dtype)
+    )
+
+
+class _PackCache:
+    """The packed weight for one (weight version, storage, dtype, input shape) key. Copies and
+    pickles of a module start with an empty cache (packed tensors are opaque and derived)."""
+
+    __slots__ = ("key", "packed")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.packed: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo: dict) -> _PackCache:
+        return _PackCache()
+
+    def __reduce__(self) -> tuple:
+        return (_PackCache, ())
+
+    def get(self, weight: torch.Tensor, shape: tuple, pack) -> torch.Tensor:
+        key = (weight._version, weight.data_ptr(), weight.dtype, shape)
+        if key != self.key:
+            self.packed = None  # free the old copy before making the new one
+            self.packed = pack()
+            self.key = key
+        return self.packed
+
+
+class PackedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose CPU inference runs on a cached oneDNN-packed weight."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str) or not _usable(x, weight):
+            return super()._conv_forward(x, weight, bias)
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+
+        def pack() -> torch.Tensor:
+            # oneDNN picks the blocked layout for this input shape (as inductor's freezing does)
+            return torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach(), *args, list(x.shape)
+            )
+
+        packed = self._pack.get(weight, tuple(x.shape), pack)
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` whose CPU inference runs on a cached packed weight (oneDNN for bf16/fp16,
+    MKL's packed GEMM for fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _usable(x, self.weight) or x.dim() < 2:
+            return super().forward(x)
+        rows = x.numel() // x.shape[-1]
+        weight, bias = self.weight, self.bias
+        if x.dtype == torch.float32:
+            if not torch._C.has_mkl:
+                return super().forward(x)
+            packed = self._pack.get(
+                weight, (rows,), lambda: torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+            )
+            out = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), packed, weight, bias, rows)
+            return out.reshape(*x.shape[:-1], -1)
+        packed = self._pack.get(
+            weight, (rows,), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        )
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+_SWAPS = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
+_UNSWAPS = {v: k for k, v in _SWAPS.items()}
+
+
+def prepack(module: nn.Module) -> nn.Module:
+    """Make every ``nn.Conv2d`` / ``nn.Linear`` in ``module`` (in place, returned) pack its weight
+    for CPU inference. Parameters, buffers, names and hooks are kept; nothing is copied until the
+    first call without gradients."""
+    for m in module.modules():
+        packed_cls = _SWAPS.get(type(m))
+        if packed_cls is not None:
+            m.__class__ = packed_cls  # same parameters and state; only the forward differs
+            m._pack = _PackCache()
+    return module
+
+
+def unpack(module: nn.Module) -> nn.Module:
+    """Undo ``prepack``: plain layers again, packed copies freed."""
+    for m in module.modules():
+        plain_cls = _UNSWAPS.get(type(m))
+        if plain_cls is not None:
+            m.__class__ = plain_cls
+            del m._pack
+    return module
+
+
+@contextmanager
+def unpacked(module: nn.Module) -> Iterator[nn.Module]:
+    """Plain layers inside the block (for tracers and exporters, which cannot see through the
+    packed kernels), packed again after it."""
+    swapped = [m for m in module.modules() if type(m) in _UNSWAPS]
+    unpack(module)
+    try:
+        yield module
+    finally:
+        for m in swapped:
+            m.__class__ = _SWAPS[type(m)]
+            m._pack = _PackCache()
