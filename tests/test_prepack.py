@@ -68,6 +68,23 @@ def test_packed_conv_rounds_like_conv2d(
             assert_rounds_like(out, plain(x), exact(x.double()))
 
 
+@pytest.mark.skipif(not pk.available(torch.bfloat16), reason="no bf16 oneDNN kernels")
+@pytest.mark.parametrize("hw", [(1, 1), (4, 4), (8, 5), (3, 9)])
+@pytest.mark.parametrize("kernel", [3, 1, (3, 1)])
+def test_small_low_precision_convs_run_as_one_gemm(hw: tuple, kernel) -> None:
+    """At <= ``im2col_max_positions`` output positions, bf16 convolutions become im2col + GEMM."""
+    torch.manual_seed(0)
+    pad = (1, 0) if kernel == (3, 1) else (kernel // 2)
+    plain = nn.Conv2d(24, 16, kernel, padding=pad).bfloat16().to(memory_format=torch.channels_last)
+    packed = pk.prepack(copy.deepcopy(plain))
+    exact = copy.deepcopy(plain).double()
+    x = randn(2, 24, *hw).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = packed(x)
+        assert packed._pack.key[3][0] == "gemm"
+        assert_rounds_like(out, plain(x), exact(x.double()))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_rounds_like_the_plain_layer(dtype: torch.dtype, bias: bool) -> None:
