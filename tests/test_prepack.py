@@ -103,6 +103,14 @@ def test_packed_linear_rounds_like_the_plain_layer(dtype: torch.dtype, bias: boo
             assert_rounds_like(out, plain(xin), exact(xin.double()))
 
 
+def test_unpacked_restores_the_packed_layers() -> None:
+    net = pk.prepack(nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 1), nn.Conv1d(2, 2, 1)))
+    with pk.unpacked(net):
+        assert [type(m) for m in net] == [nn.Linear, nn.Conv2d, nn.Conv1d]
+    assert [type(m) for m in net] == [pk.PackedLinear, pk.PackedConv2d, nn.Conv1d]
+    assert net[0]._pack.packed is None
+
+
 def test_cache_follows_weight_changes() -> None:
     torch.manual_seed(0)
     conv, lin = pk.prepack(nn.Conv2d(4, 4, 3, padding=1)), pk.prepack(nn.Linear(4, 4))

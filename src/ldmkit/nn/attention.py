@@ -44,12 +44,42 @@ class Attention(nn.Module):
     ):
         super().__init__()
         inner = heads * dim_head
+        self.is_cross = context_dim is not None
         context_dim = context_dim or query_dim
         self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        # fused copies of the input projections (``fuse_projections``): not saved, not trained
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+
+    def fuse_projections(self, fuse: bool = True) -> None:
+        """Run the q/k/v projections as one matmul (self-attention) or k/v as one (cross-
+        attention), from concatenated copies of their weights made now; ``False`` drops them.
+        For inference: later changes to ``to_q/to_k/to_v`` are not seen until fused again."""
+        if not fuse:
+            self.fused_weight = self.fused_bias = None
+            return
+        layers = [self.to_k, self.to_v] if self.is_cross else [self.to_q, self.to_k, self.to_v]
+        with torch.no_grad():
+            self.fused_weight = torch.cat([m.weight for m in layers])
+            if layers[0].bias is not None:
+                self.fused_bias = torch.cat([m.bias for m in layers])
+
+    def _project(
+        self, x: torch.Tensor, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused_weight is None:
+            context = x if context is None else context
+            return self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.is_cross:  # q from x, k and v from the context in one matmul
+            k, v = F.linear(context, self.fused_weight, self.fused_bias).chunk(2, dim=-1)
+            return self.to_q(x), k, v
+        if context is not None and context is not x:
+            raise ValueError("fused self-attention projections take no separate context")
+        return F.linear(x, self.fused_weight, self.fused_bias).chunk(3, dim=-1)
 
     def forward(
         self,
@@ -62,9 +92,9 @@ class Attention(nn.Module):
         ``mask`` [B, L] bool marks the context tokens that may be attended to (True = real
         token, False = padding). Every row needs at least one True entry.
         """
-        context = x if context is None else context
         b = x.shape[0]
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = self._project(x, context)
+        context = x if context is None else context
         # [B, N, H*D] -> [B, H, N, D]
         q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
         attn_mask = None
