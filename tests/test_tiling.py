@@ -234,3 +234,17 @@ def test_slicing_is_scoped_and_nests() -> None:
     assert layers.QUERY_SLICE.get() is None
     with pytest.raises(ValueError, match="slice_size"), attention_slicing(0):
         pass
+
+
+def test_unet_and_vae_trace_in_one_graph_for_compile() -> None:
+    """``torch.compile`` must see whole networks: a graph break per attention layer (the
+    slicing ContextVar once caused one) leaves most of a compiled UNet eager, and each block's
+    frame then recompiles per parameter set until dynamo's limit."""
+    import torch._dynamo
+
+    net, vae = tiny_unet(), tiny_vae(mid_attention=True)
+    x, ctx, t = randn(2, 4, 12, 10, seed=0), randn(2, 5, 8, seed=1), torch.tensor([10, 500])
+    with torch.no_grad():
+        for fn, args in ((net, (x, t, ctx)), (vae.decode, (randn(1, 4, 6, 5, seed=2),))):
+            explained = torch._dynamo.explain(fn)(*args)
+            assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

@@ -41,7 +41,9 @@ def sdpa(
 ) -> torch.Tensor:
     """Attention [B, H, L, D]; in query chunks inside ``attention_slicing`` (exact: each query's
     output depends only on itself and all keys/values)."""
-    size = QUERY_SLICE.get()
+    # Dynamo cannot trace ContextVar.get (a graph break per attention layer, which left most of
+    # a compiled UNet eager): compiled graphs never slice; inductor plans their memory itself.
+    size = None if torch.compiler.is_compiling() else QUERY_SLICE.get()
     n = q.shape[-2]
     if size is None or n <= size:
         return _sdpa(q, k, v, attn_mask)
