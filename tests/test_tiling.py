@@ -242,9 +242,13 @@ def test_unet_and_vae_trace_in_one_graph_for_compile() -> None:
     frame then recompiles per parameter set until dynamo's limit."""
     import torch._dynamo
 
+    from ldmkit.accel.prepack import prepack
+
     net, vae = tiny_unet(), tiny_vae(mid_attention=True)
+    packed = prepack(tiny_unet())  # packed layers fall back to plain ops when compiled
     x, ctx, t = randn(2, 4, 12, 10, seed=0), randn(2, 5, 8, seed=1), torch.tensor([10, 500])
+    z = randn(1, 4, 6, 5, seed=2)
     with torch.no_grad():
-        for fn, args in ((net, (x, t, ctx)), (vae.decode, (randn(1, 4, 6, 5, seed=2),))):
+        for fn, args in ((net, (x, t, ctx)), (packed, (x, t, ctx)), (vae.decode, (z,))):
             explained = torch._dynamo.explain(fn)(*args)
             assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

@@ -19,6 +19,7 @@ Cost: the packed weights are a second copy of the conv/linear weights in memory.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,6 +30,7 @@ from torch import nn
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.cache
 def available(dtype: torch.dtype) -> bool:
     """Whether this PyTorch build and CPU can run packed oneDNN kernels in ``dtype``."""
     if not torch.backends.mkldnn.is_available() or dtype not in _DTYPES:
@@ -44,6 +46,7 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # a compiled graph gets the plain ops
         and x.dtype == weight.dtype
         and available(x.dtype)
     )
