@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import perturb, psnr, randn
 from ldmkit.accel.cache import DeepCacheUNet, FirstBlockCacheDiT, deepcache, first_block_cache
 from ldmkit.denoisers.dit import DiT, DiTConfig
 from ldmkit.denoisers.unet import UNet, UNetConfig
@@ -22,15 +23,6 @@ from ldmkit.samplers import SAMPLERS, CFGDenoiser
 
 TRAIN_SIGMAS = sch.vp_sigmas(sch.alphas_cumprod(sch.betas_linear()))
 GRID = sch.get_sigmas("discrete", 20, train_sigmas=TRAIN_SIGMAS, spacing="trailing")
-
-
-def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Add noise to every parameter (ldmkit zero-initialises output layers and gates)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return module.eval()
 
 
 def tiny_unet(scale: float = 0.05) -> UNet:
@@ -46,17 +38,6 @@ def tiny_dit(scale: float = 0.05) -> DiT:
                     sample_size=8, context_dim=8)  # fmt: skip
     torch.manual_seed(0)
     return perturb(DiT(cfg), scale)
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR in dB with the reference's value range as the peak."""
-    mse = float((out - ref).pow(2).mean())
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def count_calls(modules: list[torch.nn.Module]) -> list[int]:

@@ -7,30 +7,20 @@ import copy
 import pytest
 import torch
 
+from helpers import perturb, randn
 from ldmkit.accel.fuse import fuse_qkv
 from ldmkit.denoisers.dit import DiT, DiTConfig
 from ldmkit.denoisers.unet import UNet, UNetConfig
 from ldmkit.nn.attention import Attention
 
 
-def randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def perturbed(net: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # zero-initialised layers get weights too
-    return net.eval()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_unet_and_dit_match_unfused(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    unet = perturbed(UNet(UNetConfig(in_channels=4, model_channels=16, channel_mult=(1, 2),
+    unet = perturb(UNet(UNetConfig(in_channels=4, model_channels=16, channel_mult=(1, 2),
                                      num_res_blocks=1, attention_levels=(0, 1), num_heads=2,
                                      context_dim=12, norm_groups=8)))  # fmt: skip
-    dit = perturbed(DiT(DiTConfig(in_channels=4, patch_size=2, hidden_size=16, depth=2,
+    dit = perturb(DiT(DiTConfig(in_channels=4, patch_size=2, hidden_size=16, depth=2,
                                   num_heads=2, sample_size=8, context_dim=16)))  # fmt: skip
     x, ctx, t = randn(2, 4, 8, 8), randn(2, 5, 12, seed=1), torch.tensor([3, 700])
     ctx16 = randn(2, 5, 16, seed=2)  # context as wide as the tokens: still cross-attention

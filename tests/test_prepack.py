@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import perturb, randn
 from ldmkit.accel import prepack as pk
 from ldmkit.accel.fastpaths import prepare_for_inference
 from ldmkit.autoencoders.base import AutoencoderConfig
@@ -22,10 +23,6 @@ from ldmkit.denoisers.unet import UNet, UNetConfig
 
 DTYPES = [d for d in (torch.float32, torch.bfloat16) if pk.available(d)]
 pytestmark = pytest.mark.skipif(not pk.available(torch.float32), reason="no oneDNN in this build")
-
-
-def randn(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def assert_rounds_like(out: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor) -> None:
@@ -173,11 +170,7 @@ def _tiny_unet() -> UNet:
     cfg = UNetConfig(in_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                      attention_levels=(1,), num_heads=2, context_dim=12, norm_groups=8)  # fmt: skip
     torch.manual_seed(0)
-    net = UNet(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised layers get weights too
-    return net.eval()
+    return perturb(UNet(cfg))  # the zero-initialised layers get weights too
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,29 +8,17 @@ reversible.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ldmkit.nn.layers as layers
+from helpers import perturb, psnr, randn
 from ldmkit.accel.slicing import attention_slicing
 from ldmkit.accel.tiling import blend_weights, run_tiled, tile_starts, tiled_decode, tiled_encode
 from ldmkit.autoencoders.base import AutoencoderConfig
 from ldmkit.autoencoders.kl import AutoencoderKL
 from ldmkit.denoisers.unet import UNet, UNetConfig
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR in dB with the reference's value range as the peak."""
-    mse = float((out - ref).pow(2).mean())
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def tiny_vae(mid_attention: bool = False, seed: int = 0) -> AutoencoderKL:
@@ -157,11 +145,7 @@ def tiny_unet() -> UNet:
     torch.manual_seed(0)
     cfg = UNetConfig(in_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                      attention_levels=(0, 1), num_heads=2, context_dim=8, norm_groups=4)  # fmt: skip
-    net = UNet(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape) * 0.05)
-    return net.eval()
+    return perturb(UNet(cfg))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
