@@ -345,26 +345,27 @@ def t2i_case(size: int, dtype: torch.dtype, args) -> dict:
             scheduler=SchedulerConfig.from_diffusers(dict(sched.config)),
         )  # fmt: skip
 
+    prompt, steps = "a photograph of an astronaut riding a horse", args.t2i_steps
+
+    def run(p: StableDiffusionPipeline) -> torch.Tensor:
+        return p(
+            prompt, steps=steps, sampler="dpmpp_2m", guidance=7.5, seed=0, height=size,
+            width=size, output="tensor", progress=False,
+        )  # fmt: skip
+
     prepare_for_inference(unet, dtype)
     te.to(dtype)
     pipe = ldmkit_pipe(vae)
-    prompt, steps = "a photograph of an astronaut riding a horse", args.t2i_steps
     fns = {
         "diffusers": lambda: ref(
             prompt, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
             generator=torch.Generator().manual_seed(0), output_type="pt",
         ).images * 2 - 1,
-        "ldmkit": lambda: pipe(
-            prompt, steps=steps, sampler="dpmpp_2m", guidance=7.5, seed=0, height=size,
-            width=size, output="tensor", progress=False,
-        ),
+        "ldmkit": lambda: run(pipe),
     }  # fmt: skip
     if dtype != torch.float32:
         low = ldmkit_pipe(prepare_for_inference(copy.deepcopy(vae), dtype))
-        fns[f"ldmkit, VAE {str(dtype)[6:]}"] = lambda: low(
-            prompt, steps=steps, sampler="dpmpp_2m", guidance=7.5, seed=0, height=size,
-            width=size, output="tensor", progress=False,
-        )  # fmt: skip
+        fns[f"ldmkit, VAE {str(dtype)[6:]}"] = lambda: run(low)
     unet_flops = count_flops(lambda: d_unet(
         torch.zeros(2, 4, size // 8, size // 8, dtype=dtype), torch.tensor([1, 1]),
         encoder_hidden_states=torch.zeros(2, 77, 768, dtype=dtype),
