@@ -250,6 +250,9 @@ def vae_case(size: int, dtype: torch.dtype, args, what: str = "decode") -> dict:
 
 def train_case(dtype: torch.dtype, args, batch: int = 8, latent: int = 32) -> dict:
     """One training step of the small UNet: forward, MSE backward, AdamW (bf16: autocast)."""
+    from ldmkit.training.config import TrainConfig
+    from ldmkit.training.loop import make_optimizer
+
     unet = build_unet(SMALL)
     ref = to_diffusers_unet(unet, latent)
     own = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -260,9 +263,11 @@ def train_case(dtype: torch.dtype, args, batch: int = 8, latent: int = 32) -> di
     ctx = torch.randn(batch, 77, SMALL["context_dim"], generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     target = torch.randn(batch, 4, latent, latent, generator=g)
+    # Each side's own optimizer set-up with the same hyper-parameters: diffusers' training
+    # scripts build torch.optim.AdamW with its defaults, ldmkit's loop builds it fused.
     opts = {
-        "diffusers": torch.optim.AdamW(ref.parameters(), lr=1e-6),
-        "ldmkit": torch.optim.AdamW(unet.parameters(), lr=1e-6),
+        "diffusers": torch.optim.AdamW(ref.parameters(), lr=1e-6, weight_decay=0.01),
+        "ldmkit": make_optimizer(TrainConfig(lr=1e-6, weight_decay=0.01), list(unet.parameters())),
     }
     calls = {
         "diffusers": lambda: ref(x, t, encoder_hidden_states=ctx).sample,

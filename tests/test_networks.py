@@ -220,6 +220,44 @@ def test_sdpa_kernel_choice_does_not_change_outputs_or_gradients(tokens):
     torch.testing.assert_close(grad_q, ref_grad_q, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unmasked_training_attention_matches_sdpa(dtype):
+    from ldmkit.nn.layers import sdpa
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(2, 3, 40, 16, generator=g, dtype=dtype, requires_grad=True) for _ in "qkv"
+    )
+    out = sdpa(q, k, v)  # short sequence with gradients: ldmkit's written-out attention
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=10 * tol, rtol=10 * tol)
+
+
+def test_training_attention_under_autocast_is_as_accurate_as_pytorchs_math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ldmkit.nn.layers import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 4, 200, 32, generator=g) * 2 for _ in "qkv")  # peaked softmax
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = sdpa(q.requires_grad_(), k, v)
+        with sdpa_kernel(SDPBackend.MATH):
+            theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+
+    def err(t: torch.Tensor) -> float:
+        return float((t.detach().double() - exact).norm() / exact.norm())
+
+    assert err(ours) <= 1.1 * err(theirs) and err(ours) < 1e-2
+
+
 @pytest.mark.parametrize("make", [tiny_unet, tiny_dit])
 def test_gradient_checkpointing_gives_identical_gradients(make):
     model = randomize(make(context_dim=CTX, num_classes=3))

@@ -146,3 +146,38 @@ def test_ema_warms_up_then_averages():
     with ema.swapped_in() as module:
         assert module.weight.item() == pytest.approx(expected, rel=1e-6)
     assert lin.weight.item() == 2.0  # restored after the context
+
+
+def test_adam_is_fused_on_cpu_and_its_state_resumes_into_either_kernel():
+    from ldmkit.training.checkpoint import optimizer_from_flat, optimizer_to_flat
+    from ldmkit.training.config import TrainConfig
+    from ldmkit.training.loop import make_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(5, 3, generator=g)
+    grads = [torch.randn(5, 3, generator=g) for _ in range(3)]
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.01)
+
+    def run(opt, p, steps):
+        for grad in steps:
+            p.grad = grad.clone()
+            opt.step()
+
+    fused_p = torch.nn.Parameter(start.clone())
+    fused = make_optimizer(cfg, [fused_p])
+    assert fused.param_groups[0]["fused"] is True
+    loop_p = torch.nn.Parameter(start.clone())
+    loop = torch.optim.AdamW([loop_p], lr=1e-2, weight_decay=0.01)  # PyTorch's CPU default
+    run(fused, fused_p, grads[:2]), run(loop, loop_p, grads[:2])
+    torch.testing.assert_close(fused_p.data, loop_p.data)  # the same update rule
+    # A fused run's state resumes into the per-tensor loop (as on a device without the fused
+    # kernel) and continues like the uninterrupted run; the kernel flag stays the live one.
+    tensors, plain = optimizer_to_flat(fused, "opt")
+    tensors = {k: v.clone() for k, v in tensors.items()}  # as read back from the file
+    assert plain["param_groups"][0]["fused"] is True
+    resumed_p = torch.nn.Parameter(fused_p.data.clone())
+    resumed = torch.optim.AdamW([resumed_p], lr=1e-2, weight_decay=0.01)
+    optimizer_from_flat(resumed, tensors, plain, "opt")
+    assert not resumed.param_groups[0]["fused"]
+    run(resumed, resumed_p, grads[2:]), run(fused, fused_p, grads[2:])
+    torch.testing.assert_close(resumed_p.data, fused_p.data)

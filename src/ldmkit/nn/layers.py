@@ -74,9 +74,22 @@ def _sdpa(
         and torch.is_grad_enabled()
         and q.shape[-2] * k.shape[-2] <= _MATH_KERNEL_MAX_SCORES
     ):
+        if attn_mask is None:
+            return _math_attention(q, k, v)
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, written out. PyTorch's math kernel also guards fully masked
+    rows against NaN (an ``all`` and a ``where`` over the scores, forward and backward), which
+    unmasked attention never needs. Scores and softmax are at least fp32, as in the flash
+    kernel; the weighted sum of ``v`` runs in ``v``'s dtype (bf16 under autocast)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 scores even under autocast
+        scores = torch.matmul(q.to(acc) * q.shape[-1] ** -0.5, k.to(acc).transpose(-1, -2))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

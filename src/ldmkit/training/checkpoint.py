@@ -141,4 +141,13 @@ def optimizer_from_flat(
         if name.startswith(prefix + "."):
             idx, key = name[len(prefix) + 1 :].split(".", 1)
             state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+    # The kernel choice is this machine's, not the checkpoint's (a run may resume elsewhere);
+    # a group-count mismatch is left to load_state_dict, which names it.
+    groups = plain["param_groups"]
+    if len(groups) == len(opt.param_groups):
+        impl = ("fused", "foreach", "capturable", "differentiable")
+        groups = [
+            {**saved, **{k: live[k] for k in impl if k in live}}
+            for saved, live in zip(groups, opt.param_groups, strict=True)
+        ]
+    opt.load_state_dict({"state": state, "param_groups": groups})
