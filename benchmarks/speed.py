@@ -8,11 +8,11 @@ to diffusers (so host drift cancels), the fraction of this CPU's measured peak F
 peak resident memory and the max abs difference of the output from diffusers' fp32 output.
 
 Contenders: ``diffusers`` (eager, ``.to(dtype)``), ``ldmkit`` (eager, its default fast paths:
-pre-packed oneDNN weights, channels-last for bf16/fp16), ``ldmkit+compile`` (opt-in
-``torch.compile`` with weight freezing, with ``--compile``; its one-off compile time is
-reported), and with ``--runtimes`` the UNet in OpenVINO (fp32 and bf16 precision hints) and
-ONNX Runtime (fp32), converted from the same weights (``runtimes.py``; conversion time
-reported).
+pre-packed oneDNN weights, channels-last for bf16/fp16), ``ldmkit+compile`` (with
+``--compile``: opt-in ``torch.compile`` as ``pipe.compile()`` does it, with dynamic shapes and
+frozen weights; its one-off compile time is reported), and with ``--runtimes`` the UNet in
+OpenVINO (fp32 and bf16 precision hints) and ONNX Runtime (fp32), converted from the same
+weights (``runtimes.py``; conversion time reported).
 
     python benchmarks/speed.py                       # SD 1.5 UNet 256 px, small UNet, VAE 256 px
     python benchmarks/speed.py --sizes 256 512 --compile --runtimes --repeats 5
@@ -29,7 +29,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -188,12 +188,12 @@ def unet_case(name: str, cfg: dict, size: int, dtype: torch.dtype, args) -> dict
     for rt, (fn, _) in runtimes.items():
         fns[rt] = lambda fn=fn: fn(x, t, ctx)
     compile_s = None
-    if args.compile:  # as pipe.compile(): frozen weights, which inductor packs itself
-        import torch._inductor.config as inductor_config
+    if args.compile:  # as pipe.compile(): dynamic shapes, frozen weights (inductor packs them)
+        from ldmkit.accel.compile import compile_network
 
-        comp = torch.compile(prepare_for_inference(unet, dtype, pack=False))
+        comp = compile_network(prepare_for_inference(unet, dtype, pack=False))
         t0 = time.perf_counter()
-        with torch.inference_mode(), inductor_config.patch(freezing=True):
+        with torch.inference_mode():
             comp(xd, t, cd)  # compiles here
         compile_s = time.perf_counter() - t0
         fns["ldmkit+compile"] = lambda: comp(xd, t, cd)
@@ -389,6 +389,26 @@ def t2i_case(size: int, dtype: torch.dtype, args) -> dict:
     }
 
 
+# --cases: SD 1.5 UNet step, small UNet step, VAE decode+encode, training step, text-to-image
+CASES = ("sd15", "small", "vae", "train", "t2i")
+
+
+def run_case(case: str, dtype: torch.dtype, args) -> Iterator[dict]:
+    """The results of one ``--cases`` entry, one table section at a time."""
+    if case == "sd15":
+        for size in args.sizes:
+            yield unet_case("SD 1.5", SD15, size, dtype, args)
+    elif case == "small":
+        yield unet_case("small", SMALL, 256, dtype, args)
+    elif case == "vae":
+        for what in ("decode", "encode"):
+            yield vae_case(args.vae_size, dtype, args, what)
+    elif case == "train":
+        yield train_case(dtype, args)
+    elif case == "t2i" and args.t2i_steps:
+        yield t2i_case(args.t2i_size, dtype, args)
+
+
 def markdown(results: dict) -> str:
     lines = [
         f"Measured {results['date']} on {results['machine']}, torch {results['torch']}, "
@@ -421,6 +441,9 @@ def markdown(results: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[256], help="SD 1.5 UNet image sizes")
+    p.add_argument(
+        "--cases", nargs="+", default=list(CASES), choices=list(CASES), help="which cases to run"
+    )
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -471,16 +494,10 @@ def main() -> None:
     }  # fmt: skip
     for name in args.dtypes:
         dtype = dtypes[name]
-        for size in args.sizes:
-            results["cases"].append(unet_case("SD 1.5", SD15, size, dtype, args))
-            print(markdown(results), flush=True)
-        results["cases"].append(unet_case("small", SMALL, 256, dtype, args))
-        for what in ("decode", "encode"):
-            results["cases"].append(vae_case(args.vae_size, dtype, args, what))
-        results["cases"].append(train_case(dtype, args))
-        if args.t2i_steps:
-            results["cases"].append(t2i_case(args.t2i_size, dtype, args))
-        print(markdown(results), flush=True)
+        for case in args.cases:
+            for result in run_case(case, dtype, args):
+                results["cases"].append(result)
+                print(markdown(results), flush=True)
     # the peaks again at the end, keeping the best: the host's load changes over a run
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["peak_gflops"][name] = max(results["peak_gflops"][name], calibrate(dtype))

@@ -5,7 +5,8 @@ diffusers through ldmkit's converter). Per dtype it times, interleaved after a w
 
 - the SD 1.5 UNet step at batch 2 (CFG) for each ``--sizes``: diffusers eager, ldmkit eager
   (channels-last), ldmkit with fused QKV projections (``ldmkit.accel.fuse``), and
-  ``ldmkit+compile`` (fused, ``torch.compile(dynamic=True)``, compiled once);
+  ``ldmkit+compile`` (fused, ``compile_network``: ``torch.compile`` with dynamic shapes,
+  compiled once);
 - the SD VAE decode of one ``--vae-size`` image: diffusers, ldmkit, ldmkit with a compiled
   decoder;
 - a 20-step denoising loop (DPM-Solver++ 2M on ldmkit's side; the UNet dominates).
@@ -105,9 +106,12 @@ def recompiles() -> int:
 
 
 def try_compile(fn: Callable, example: Callable[[], object], errors: list[str]):
-    """``torch.compile(fn, dynamic=True)`` after one successful call of it on ``example``, or
-    ``None`` with the error recorded (so a compiler failure costs a row, not the run)."""
-    comp = torch.compile(fn, dynamic=True)
+    """``fn`` compiled as ``pipe.compile()`` does (``ldmkit.accel.compile.compile_network``:
+    dynamic shapes, frozen weights) after one successful call of it on ``example``, or ``None``
+    with the error recorded (so a compiler failure costs a row, not the run)."""
+    from ldmkit.accel.compile import compile_network
+
+    comp = compile_network(fn, dynamic=True)
     try:
         with torch.inference_mode():
             example(comp)

@@ -69,7 +69,9 @@ class _PackCache:
         return (_PackCache, ())
 
     def get(self, weight: torch.Tensor, shape: tuple, pack) -> torch.Tensor:
-        key = (weight._version, weight.data_ptr(), weight.dtype, shape)
+        # (weights made under inference_mode have no version counter: storage and dtype only)
+        version = None if weight.is_inference() else weight._version
+        key = (version, weight.data_ptr(), weight.dtype, shape)
         if key != self.key:
             self.packed = None  # free the old copy before making the new one
             self.packed = pack()

@@ -46,7 +46,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
-        return x + self.proj_out(spatial_attention(self.q(h), self.k(h), self.v(h)))
+        return x + spatial_attention(self.q(h), self.k(h), self.v(h), self.proj_out)
 
 
 class Downsample(nn.Module):

@@ -213,6 +213,9 @@ class DiT(nn.Module):
             if pos.shape[-2:] != (gh, gw):
                 pos = F.interpolate(pos, size=(gh, gw), mode="bicubic", align_corners=False)
             return pos.flatten(2).transpose(1, 2).to(like.dtype)
+        if torch.compiler.is_compiling():  # in the graph: a cache lookup would guard on shapes
+            emb = sincos_2d_position_embedding(self.config.hidden_size, gh, gw)
+            return emb[None].to(device=like.device, dtype=like.dtype)
         key = (gh, gw, like.device, like.dtype)
         if key not in self._sincos_cache:
             emb = sincos_2d_position_embedding(self.config.hidden_size, gh, gw)

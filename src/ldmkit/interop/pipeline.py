@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from ldmkit.accel.fastpaths import prepare_for_inference
-from ldmkit.accel.prepack import prepack, unpack
+from ldmkit.accel.prepack import prepack
 from ldmkit.autoencoders.kl import AutoencoderKL
 from ldmkit.data.transforms import to_pil
 from ldmkit.denoisers.unet import UNet
@@ -86,6 +86,8 @@ class StableDiffusionPipeline:
             raise ValueError("need one tokenizer and one spec per text encoder")
         # weights packed for oneDNN at the first CPU call (ldmkit.accel.prepack; exact)
         self.unet, self.vae = prepack(unet.eval()), prepack(vae.eval())
+        self._unet_call: nn.Module = self.unet  # or compiled (.compile())
+        self._decode: Callable[[torch.Tensor], torch.Tensor] = self.vae.decode  # or compiled
         self.text_encoders = [te.eval() for te in text_encoders]
         self.tokenizers, self.encoder_specs = list(tokenizers), list(encoder_specs)
         self.force_zeros_for_empty_prompt = (
@@ -102,7 +104,7 @@ class StableDiffusionPipeline:
         """Use another noise schedule / prediction type (e.g. a user's eps override)."""
         self.scheduler, self.family = scheduler, family or self.family
         self.denoiser = GridTimestepDenoiser(
-            _CastNet(self.unet), train_sigmas(scheduler), prediction=scheduler.prediction
+            _CastNet(self._unet_call), train_sigmas(scheduler), prediction=scheduler.prediction
         )
 
     # -- parts ------------------------------------------------------------------------------
@@ -140,25 +142,21 @@ class StableDiffusionPipeline:
         return self
 
     def compile(
-        self, *, dynamic: bool | None = False, freeze: bool = True
+        self, *, dynamic: bool = True, freeze: bool = True, vae: bool = True
     ) -> StableDiffusionPipeline:
-        """Opt-in ``torch.compile`` of the UNet (the first call then takes minutes on a CPU).
+        """Opt-in ``torch.compile`` of the UNet and (``vae=True``) the VAE decoder, through
+        :func:`ldmkit.accel.compile.compile_network`: the first call compiles (minutes on a
+        CPU); with ``dynamic=True`` later batch sizes and resolutions reuse that graph.
+        ``freeze`` lets inductor pre-pack the weights as constants; they must not change
+        afterwards. The eager default already pre-packs (``ldmkit.accel.prepack``), so on a CPU
+        compiling buys little: SD 1.5 UNet, 256 px, bf16, 2 threads: 0.98x the pre-packed eager
+        step after a 170 s compile (static shapes)."""
+        from ldmkit.accel.compile import compile_network
 
-        Each new batch size or resolution compiles again (76 s, then 160 s for a second size, on
-        the tiny test UNet here): ``dynamic=True`` would compile once for all shapes, but with
-        torch 2.13 inductor fails on this UNet with "ValueRangeError: Invalid ranges [0:-1]"
-        while lowering a convolution (with or without freezing). ``freeze`` lets inductor treat
-        the weights as constants and pre-pack them for oneDNN (its ``freezing`` option). The
-        eager default already pre-packs (``ldmkit.accel.prepack``), so on a CPU compiling buys
-        little: SD 1.5 UNet, 256 px, bf16, 2 threads: 0.98x the pre-packed eager step after a
-        170 s compile. Frozen weights must not change afterwards.
-        """
-        if freeze:
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True
-        unpack(self.unet)  # inductor traces plain layers (and packs them itself when freezing)
-        self.denoiser.net.unet = torch.compile(self.unet, dynamic=dynamic)
+        self._unet_call = compile_network(self.unet, dynamic=dynamic, freeze=freeze)
+        self.denoiser.net.unet = self._unet_call
+        if vae:
+            self._decode = compile_network(self.vae.decode, dynamic=dynamic, freeze=freeze)
         return self
 
     # -- conditioning -----------------------------------------------------------------------
@@ -317,7 +315,7 @@ class StableDiffusionPipeline:
             images = tiled_decode(self.vae, latents.to(vae_dtype), tile=vae_tile,
                                   overlap=max(1, vae_tile // 4)).float()  # fmt: skip
         else:
-            images = self.vae.decode(latents.to(vae_dtype)).float()
+            images = self._decode(latents.to(vae_dtype)).float()
         if not torch.isfinite(images).all():
             raise FloatingPointError(
                 "the decoded images contain NaN/inf; keep the VAE in float32 (the default)"

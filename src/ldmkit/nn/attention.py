@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.nn.embeddings import sincos_2d_position_embedding
-from ldmkit.nn.layers import conv_nd, group_norm, sdpa
+from ldmkit.nn.layers import conv_nd, group_norm, sdpa, tokens_to_image
 
 
 class Attention(nn.Module):
@@ -226,7 +226,7 @@ class SpatialTransformer(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b, _, *spatial = x.shape
+        spatial = x.shape[2:]
         h = self.norm(x)
         if not self.use_linear:
             h = self.proj_in(h)
@@ -238,8 +238,5 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context, context_mask)
         if self.use_linear:
-            h = self.proj_out(h)
-        h = h.transpose(1, 2).reshape(b, -1, *spatial)
-        if not self.use_linear:
-            h = self.proj_out(h)
-        return x + h
+            return x + tokens_to_image(self.proj_out(h), spatial)
+        return x + tokens_to_image(h, spatial, self.proj_out)

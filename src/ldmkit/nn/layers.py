@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextvars import ContextVar
 
 import torch
@@ -92,9 +93,27 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
-def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Single-head self-attention over all spatial positions of [N, C, *spatial] tensors."""
+def spatial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_out: nn.Module | None = None
+) -> torch.Tensor:
+    """Single-head self-attention over all spatial positions of [N, C, *spatial] tensors, then
+    the 1x1 convolution ``proj_out`` if given."""
     n, c, *spatial = q.shape
     q, k, v = (t.reshape(n, 1, c, -1).transpose(-1, -2) for t in (q, k, v))  # [N, 1, L, C]
-    out = sdpa(q, k, v)
-    return out.transpose(-1, -2).reshape(n, c, *spatial)
+    return tokens_to_image(sdpa(q, k, v)[:, 0], spatial, proj_out)
+
+
+def tokens_to_image(
+    tokens: torch.Tensor, spatial: Sequence[int], proj: nn.Module | None = None
+) -> torch.Tensor:
+    """Tokens [B, L, C] as an image [B, C', *spatial] (a view), through the 1x1 convolution
+    ``proj`` if given."""
+    b = tokens.shape[0]
+    if proj is not None and torch.compiler.is_compiling():
+        # With dynamic shapes, torch 2.13 inductor cannot lower a convolution whose input is
+        # this view ("ValueRangeError: Invalid ranges [0:-1]" while splitting the symbolic
+        # token count): compiled graphs apply the 1x1 projection to the tokens instead.
+        tokens = F.linear(tokens, proj.weight.flatten(1), proj.bias)
+        proj = None
+    image = tokens.transpose(1, 2).reshape(b, -1, *spatial)
+    return image if proj is None else proj(image)

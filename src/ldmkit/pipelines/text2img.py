@@ -32,6 +32,23 @@ class LatentDiffusionPipeline:
         self.model = prepack(model.eval())
         self.autoencoder = prepack(autoencoder.eval())
         self.latent_size = latent_size  # (C, H, W) of the training latents
+        self._decode: Callable[[torch.Tensor], torch.Tensor] = self.autoencoder.decode
+
+    def compile(
+        self, *, dynamic: bool = True, freeze: bool = True, decoder: bool = True
+    ) -> LatentDiffusionPipeline:
+        """Opt-in ``torch.compile`` of the denoising network and (``decoder=True``) the
+        autoencoder's decode, through :func:`ldmkit.accel.compile.compile_network`: the first
+        call compiles (minutes on a CPU); with ``dynamic=True`` later batch sizes and
+        resolutions reuse that graph. With ``freeze`` the weights must not change afterwards
+        (and the compiled network's ``state_dict`` keys gain a ``net.`` prefix)."""
+        from ldmkit.accel.compile import compile_network
+
+        denoiser = self.model.denoiser
+        denoiser.net = compile_network(denoiser.net, dynamic=dynamic, freeze=freeze)
+        if decoder:
+            self._decode = compile_network(self.autoencoder.decode, dynamic=dynamic, freeze=freeze)
+        return self
 
     @property
     def config(self) -> DiffusionModelConfig:
@@ -93,7 +110,7 @@ class LatentDiffusionPipeline:
                 callback=callback,
                 progress=progress,
             )
-            x = self.autoencoder.decode(z.float())
+            x = self._decode(z.float())
             if not torch.isfinite(x).all():
                 raise FloatingPointError("the decoded images contain NaN/inf")
             images.append(x.clamp(-1, 1))
