@@ -421,3 +421,23 @@ def test_low_precision_single_file_load_leaves_the_vae_exact(sd15, tmp_path):
     assert next(low.unet.parameters()).dtype == torch.bfloat16
     for k, v in pipe.vae.state_dict().items():  # not rounded through bf16 on the way in
         assert torch.equal(low.vae.state_dict()[k], v), k
+
+
+def test_compiled_pipeline_matches_eager_at_new_sizes_without_recompiling(sd15):
+    """``pipe.compile()`` with dynamo's guards and graphs (``aot_eager``: no code generation;
+    the inductor backend itself is exercised in tests/test_compile.py)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    _, _, folder, _ = sd15
+    pipe = load_stable_diffusion(folder)  # its own copy: compiling changes the pipeline
+    kw = dict(steps=2, sampler="dpmpp_2m", seed=0, output="tensor", progress=False)
+    sizes = [(PROMPTS[:1], 128, 128), (PROMPTS, 72, 88)]  # (no level down to one pixel)
+    eager = [pipe(p, height=h, width=w, **kw) for p, h, w in sizes]
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.compile(backend="aot_eager")
+    for (p, h, w), ref in zip(sizes, eager, strict=True):
+        torch.testing.assert_close(pipe(p, height=h, width=w, **kw), ref, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2  # the UNet and the VAE decode
+    torch._dynamo.reset()

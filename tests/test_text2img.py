@@ -230,3 +230,24 @@ def test_pooled_text_vector_exports_as_a_projection_class_embedding():
     with torch.no_grad():
         out = ref(x, t, encoder_hidden_states=ctx, class_labels=y).sample
         assert (out - net(x, t, ctx, y)).abs().max() <= 1e-5
+
+
+def test_compiled_pipeline_matches_eager_at_new_sizes_without_recompiling(pipeline_run):
+    """``pipe.compile()`` with dynamo's guards and graphs (``aot_eager``: no code generation;
+    the inductor backend itself is exercised in tests/test_compile.py)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    tmp, _ = pipeline_run
+    pipe = ldmkit.load_pipeline(tmp / "ldm")
+    calls = [dict(prompt="a red circle in the center", height=16, width=16),
+             dict(prompt=["a blue square", "a red circle"], height=24, width=32)]  # fmt: skip
+    eager = [pipe(**c, steps=2, output="tensor", progress=False) for c in calls]
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.compile(backend="aot_eager")
+    for c, ref in zip(calls, eager, strict=True):
+        out = pipe(**c, steps=2, output="tensor", progress=False)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2  # the denoising network and the decoder
+    torch._dynamo.reset()

@@ -14,6 +14,11 @@ that way:
   ``freezing`` option, as the eager ``ldmkit.accel.prepack`` does). Frozen weights must not
   change afterwards.
 
+Limits (torch 2.13): inductor's convolutions guard the batch size to 2-15, so a batch of 1 and
+batches of 16 and more compile once more each; a feature map reduced to a single pixel (a
+64 px image in an SD layout) also specialises. Caching wrappers (``ldmkit.accel.cache``) run
+the network block by block and do not combine with a compiled one.
+
 The network's packed layers are unpacked first (inductor traces plain layers). The settings
 are applied around every call, as dynamo reads them whenever it (re)traces, and they are
 process-wide only for the duration of the call.

@@ -142,9 +142,14 @@ class StableDiffusionPipeline:
         return self
 
     def compile(
-        self, *, dynamic: bool = True, freeze: bool = True, vae: bool = True
+        self,
+        *,
+        dynamic: bool = True,
+        freeze: bool = True,
+        decoder: bool = True,
+        backend: str = "inductor",
     ) -> StableDiffusionPipeline:
-        """Opt-in ``torch.compile`` of the UNet and (``vae=True``) the VAE decoder, through
+        """Opt-in ``torch.compile`` of the UNet and (``decoder=True``) the VAE decode, through
         :func:`ldmkit.accel.compile.compile_network`: the first call compiles (minutes on a
         CPU); with ``dynamic=True`` later batch sizes and resolutions reuse that graph.
         ``freeze`` lets inductor pre-pack the weights as constants; they must not change
@@ -153,10 +158,14 @@ class StableDiffusionPipeline:
         step after a 170 s compile (static shapes)."""
         from ldmkit.accel.compile import compile_network
 
-        self._unet_call = compile_network(self.unet, dynamic=dynamic, freeze=freeze)
+        self._unet_call = compile_network(
+            self.unet, dynamic=dynamic, freeze=freeze, backend=backend
+        )
         self.denoiser.net.unet = self._unet_call
-        if vae:
-            self._decode = compile_network(self.vae.decode, dynamic=dynamic, freeze=freeze)
+        if decoder:
+            self._decode = compile_network(
+                self.vae.decode, dynamic=dynamic, freeze=freeze, backend=backend
+            )
         return self
 
     # -- conditioning -----------------------------------------------------------------------

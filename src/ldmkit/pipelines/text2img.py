@@ -35,7 +35,12 @@ class LatentDiffusionPipeline:
         self._decode: Callable[[torch.Tensor], torch.Tensor] = self.autoencoder.decode
 
     def compile(
-        self, *, dynamic: bool = True, freeze: bool = True, decoder: bool = True
+        self,
+        *,
+        dynamic: bool = True,
+        freeze: bool = True,
+        decoder: bool = True,
+        backend: str = "inductor",
     ) -> LatentDiffusionPipeline:
         """Opt-in ``torch.compile`` of the denoising network and (``decoder=True``) the
         autoencoder's decode, through :func:`ldmkit.accel.compile.compile_network`: the first
@@ -45,9 +50,13 @@ class LatentDiffusionPipeline:
         from ldmkit.accel.compile import compile_network
 
         denoiser = self.model.denoiser
-        denoiser.net = compile_network(denoiser.net, dynamic=dynamic, freeze=freeze)
+        denoiser.net = compile_network(
+            denoiser.net, dynamic=dynamic, freeze=freeze, backend=backend
+        )
         if decoder:
-            self._decode = compile_network(self.autoencoder.decode, dynamic=dynamic, freeze=freeze)
+            self._decode = compile_network(
+                self.autoencoder.decode, dynamic=dynamic, freeze=freeze, backend=backend
+            )
         return self
 
     @property
