@@ -29,7 +29,8 @@ def unet() -> UNet:
     """A transformer at the first level, so a Downsample convolution reads its output, and a
     1x1-convolution projection (the SD 1.5 layout's)."""
     cfg = UNetConfig(in_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_levels=(0,), num_heads=2, context_dim=CTX, norm_groups=8)  # fmt: skip
+                     attention_levels=(0,), num_heads=2, context_dim=CTX,
+                     norm_groups=8)  # fmt: skip
     torch.manual_seed(0)
     return prepare_for_inference(perturb(UNet(cfg)))
 

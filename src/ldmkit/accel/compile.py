@@ -14,6 +14,12 @@ that way:
   ``freezing`` option, as the eager ``ldmkit.accel.prepack`` does). Frozen weights must not
   change afterwards.
 
+On a CPU, compiling does not beat ldmkit's eager default, which pre-packs its weights too.
+A dynamic-shape graph is slower than eager, probably because oneDNN picks a convolution's
+packed weight layout for a known input size (SD 1.5 UNet, 256 px, fp32, 2 threads: 0.81x
+diffusers after a 447 s compile, against 1.32x for eager). It is meant for GPUs (not
+measured here: no GPU was lent), or for ``dynamic=False`` when the shapes are fixed.
+
 Limits (torch 2.13): inductor's convolutions guard the batch size to 2-15, so a batch of 1 and
 batches of 16 and more compile once more each; a feature map reduced to a single pixel (a
 64 px image in an SD layout) also specialises. Caching wrappers (``ldmkit.accel.cache``) run
