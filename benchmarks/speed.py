@@ -16,6 +16,7 @@ weights (``runtimes.py``; conversion time reported).
 
     python benchmarks/speed.py                       # SD 1.5 UNet 256 px, small UNet, VAE 256 px
     python benchmarks/speed.py --sizes 256 512 --compile --runtimes --repeats 5
+    python benchmarks/speed.py --cases train --repeats 7   # only the training step
 
 Writes benchmarks/results/speed.json and speed.md. The host is shared and noisy (see
 ../shared/BENCHMARKING.md): trust the paired ratios more than absolute seconds.
