@@ -63,7 +63,8 @@ def sdpa(
 def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, with the math kernel for short CPU training sequences.
+    """``F.scaled_dot_product_attention``; short CPU training sequences take a math path instead
+    (``_math_attention`` without a mask, PyTorch's math kernel with one).
 
     On CPU with gradients the flash kernel's backward is slow for short sequences: a training
     step of the 6.8M-parameter shapes UNet (64 and 16 latent tokens, 24 text tokens) took
