@@ -1,0 +1,335 @@
+// Flash attention forward for bf16 on x86 CPUs with AMX (Sapphire Rapids and later).
+//
+// softmax(q k^T * scale) v for q [L, D], k, v [S, D] per (batch, head); inputs and output
+// bf16, scores, softmax and the output accumulator fp32. One task is a block of QB query
+// rows against all keys, in key blocks of KB (the online softmax of FlashAttention:
+// running row max m and sum l, the accumulator rescaled by exp(m_old - m_new)).
+//   S = q k^T    AMX tiles, k packed once per head into tiles (VNNI pairs along d)
+//   P = exp2(S * scale * log2(e) - m)    AVX-512, P rounded to bf16
+//   O += P v     AMX tiles, v packed once per head into tiles (VNNI pairs along keys)
+// Built and loaded at run time by ldmkit.accel.native; called from ldmkit.accel.amx_attention.
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define QB 32   // query rows per task (two 16-row tiles)
+#define KB 256  // keys per softmax block
+
+typedef struct {
+  const uint16_t *q, *k, *v;
+  uint16_t *out;
+  int64_t B, H, L, S, D;
+  int64_t qsb, qsh, qsl, ksb, ksh, ksl, vsb, vsh, vsl, osb, osh, osl;  // element strides
+  float scale;
+  uint16_t *kp, *vp;  // workspace for the packed k and v of every (batch, head)
+} ldm_attn_args;
+
+typedef struct {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} tile_config;
+
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Linux gives a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM
+// for XFEATURE_XTILEDATA). 0 on success.
+int ldm_amx_request(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
+
+int64_t ldm_kp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 32); }
+int64_t ldm_vp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 16); }
+
+// 2^t for t <= 0: 2^round(t) * p(f), f = t - round(t) in [-1/2, 1/2], p a near-minimax
+// polynomial of 2^f (degree 4: relative error 2.6e-6, far below the bf16 rounding of P).
+static inline __m512 exp2_ps(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(0.00957010188f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0559178639f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247449f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121814f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999261f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 first_n16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+static inline __mmask32 first_n32(int64_t n) {
+  return n >= 32 ? 0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1);
+}
+
+// k [S, D] (row stride ks) -> tiles [S/16][Dq/32][16 d-pairs][16 keys][2]; v [S, D] (row
+// stride vs) -> tiles [Sp/32][Dv/16][16 key-pairs][16 columns][2]; zero padded.
+static void pack_kv(const uint16_t *k, int64_t ks, const uint16_t *v, int64_t vs, int64_t S,
+                    int64_t D, uint16_t *kp, uint16_t *vp) {
+  const int64_t Sp = round_up(S, 32), nd = round_up(D, 32) / 32, nc = round_up(D, 16) / 16;
+  const __m512i keys = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
+                                                           4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int)(ks / 2)));
+  for (int64_t n0 = 0; n0 < Sp; n0 += 16) {
+    const __mmask16 valid = first_n16(S - n0);
+    for (int64_t ds = 0; ds < nd; ds++)
+      for (int64_t i = 0; i < 16; i++) {  // d-pair i of this 32-wide slice: gather 16 keys
+        const int64_t d = ds * 32 + 2 * i;
+        __m512i x = _mm512_setzero_si512();
+        if (d < D)
+          x = _mm512_mask_i32gather_epi32(x, valid, keys, (const int *)(k + n0 * ks + d), 4);
+        _mm512_store_si512((void *)(kp + (((n0 / 16) * nd + ds) * 16 + i) * 32), x);
+      }
+  }
+  // interleave rows 2j and 2j+1: output column 2c <- row 2j, 2c+1 <- row 2j+1
+  const __m512i mix = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                       8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t j = 0; j < Sp / 2; j++) {
+    const int64_t n = 2 * j;
+    for (int64_t c = 0; c < nc; c++) {
+      const __mmask16 cols = first_n16(D - 16 * c);
+      __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+      if (n < S) a = _mm256_maskz_loadu_epi16(cols, v + n * vs + 16 * c);
+      if (n + 1 < S) b = _mm256_maskz_loadu_epi16(cols, v + (n + 1) * vs + 16 * c);
+      __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      _mm512_store_si512((void *)(vp + (((j / 16) * nc + c) * 16 + j % 16) * 32),
+                         _mm512_permutexvar_epi16(mix, x));
+    }
+  }
+}
+
+// Tile ids must be compile-time constants: C tiles 0-3 are selected by a switch.
+#define TILE_LOAD_C(t, p, s) \
+  switch (t) {               \
+    case 0: _tile_loadd(0, p, s); break; \
+    case 1: _tile_loadd(1, p, s); break; \
+    case 2: _tile_loadd(2, p, s); break; \
+    default: _tile_loadd(3, p, s);       \
+  }
+#define TILE_STORE_C(t, p, s) \
+  switch (t) {                \
+    case 0: _tile_stored(0, p, s); break; \
+    case 1: _tile_stored(1, p, s); break; \
+    case 2: _tile_stored(2, p, s); break; \
+    default: _tile_stored(3, p, s);       \
+  }
+
+typedef struct {
+  uint16_t *q;  // [QB, Dq] bf16 query block, zero padded
+  float *s;     // [QB, KB] scores
+  uint16_t *p;  // [QB, KB] bf16 probabilities
+  float *o;     // [QB, Dv] output accumulator
+} block_buffers;
+
+// S[:, 0:nkp] = q k^T for keys k0 .. k0 + nkp.
+static void scores(const block_buffers *w, const uint16_t *kp, int64_t k0, int64_t nkp,
+                   int64_t nd) {
+  const int64_t Dq = nd * 32;  // 2 x 2 output tiles of 16 rows x 16 keys, d in steps of 32
+  for (int64_t j = 0; j < nkp; j += 32) {
+    const uint16_t *kt = kp + ((k0 + j) / 16) * nd * 512;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t ds = 0; ds < nd; ds++) {
+      _tile_loadd(4, w->q + ds * 32, Dq * 2);
+      _tile_loadd(5, w->q + 16 * Dq + ds * 32, Dq * 2);
+      _tile_loadd(6, kt + ds * 512, 64);
+      _tile_loadd(7, kt + (nd + ds) * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, w->s + j, KB * 4);
+    _tile_stored(1, w->s + j + 16, KB * 4);
+    _tile_stored(2, w->s + 16 * KB + j, KB * 4);
+    _tile_stored(3, w->s + 16 * KB + j + 16, KB * 4);
+  }
+}
+
+// Online softmax step for one key block (nk valid keys, P zero up to nkp): updates m, l,
+// rescales the accumulator rows and writes P (bf16). Works in base 2: c = scale * log2(e).
+// The per-row scalars (max, rescale factor, sum) are batched into 16-wide vectors.
+static void softmax_block(const block_buffers *w, float *m, float *l, int64_t nk, int64_t nkp,
+                          int64_t Dv, float c) {
+  _Alignas(64) float bmax[QB], bsum[QB], alpha[QB];
+  for (int64_t i = 0; i < QB; i++) {  // row maxima of this block
+    const float *srow = w->s + i * KB;
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 32 <= nk; j += 32) {
+      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(srow + j));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(srow + j + 16));
+    }
+    for (; j < nk; j += 16) {
+      const __mmask16 mk = first_n16(nk - j);
+      m0 = _mm512_mask_max_ps(m0, mk, m0, _mm512_maskz_loadu_ps(mk, srow + j));
+    }
+    bmax[i] = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  }
+  const __m512 vc = _mm512_set1_ps(c), floor = _mm512_set1_ps(-200.0f);
+  for (int64_t i = 0; i < QB; i += 16) {  // m_new = max(m, c * block max), alpha = 2^(m - m_new)
+    const __m512 mo = _mm512_load_ps(m + i);
+    const __m512 mn = _mm512_max_ps(mo, _mm512_mul_ps(vc, _mm512_load_ps(bmax + i)));
+    _mm512_store_ps(alpha + i, exp2_ps(_mm512_max_ps(_mm512_sub_ps(mo, mn), floor)));
+    _mm512_store_ps(m + i, mn);
+  }
+  for (int64_t i = 0; i < QB; i++) {  // P = 2^(c S - m_new) and its row sums
+    const float *srow = w->s + i * KB;
+    const __m512 vm = _mm512_set1_ps(m[i]);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    uint16_t *prow = w->p + i * KB;
+    int64_t j = 0;
+    for (; j + 32 <= nk; j += 32) {
+      const __m512 p0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm));
+      const __m512 p1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j + 16), vc, vm));
+      s0 = _mm512_add_ps(s0, p0);
+      s1 = _mm512_add_ps(s1, p1);
+      _mm512_storeu_si512((void *)(prow + j), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+    for (; j < nkp; j += 16) {  // tail: keys past nk get P = 0
+      const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm);
+      const __m512 p = _mm512_maskz_mov_ps(first_n16(nk - j), exp2_ps(x));
+      s0 = _mm512_add_ps(s0, p);
+      _mm256_storeu_si256((__m256i *)(prow + j), (__m256i)_mm512_cvtneps_pbh(p));
+    }
+    bsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+  for (int64_t i = 0; i < QB; i += 16) {  // l = l * alpha + row sums
+    const __m512 vl = _mm512_load_ps(l + i);
+    _mm512_store_ps(l + i, _mm512_fmadd_ps(vl, _mm512_load_ps(alpha + i), _mm512_load_ps(bsum + i)));
+  }
+  for (int64_t i = 0; i < QB; i++) {  // O *= alpha (rows whose max grew)
+    if (alpha[i] == 1.0f) continue;
+    const __m512 va = _mm512_set1_ps(alpha[i]);
+    float *orow = w->o + i * Dv;
+    for (int64_t d = 0; d < Dv; d += 16)
+      _mm512_storeu_ps(orow + d, _mm512_mul_ps(va, _mm512_loadu_ps(orow + d)));
+  }
+}
+
+// O += P v for keys k0 .. k0 + nkp, output columns in groups of up to four 16-wide tiles.
+static void accumulate(const block_buffers *w, const uint16_t *vp, int64_t k0, int64_t nkp,
+                       int64_t nc) {
+  const int64_t Dv = nc * 16;
+  for (int64_t r = 0; r < 2; r++)
+    for (int64_t c0 = 0; c0 < nc; c0 += 4) {
+      const int64_t cn = nc - c0 < 4 ? nc - c0 : 4;
+      float *o = w->o + r * 16 * Dv + c0 * 16;
+      for (int64_t t = 0; t < cn; t++) TILE_LOAD_C(t, o + 16 * t, Dv * 4);
+      for (int64_t s = 0; s < nkp; s += 32) {
+        const uint16_t *vt = vp + (((k0 + s) / 32) * nc + c0) * 512;
+        _tile_loadd(4, w->p + r * 16 * KB + s, KB * 2);
+        _tile_loadd(6, vt, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (cn > 1) {
+          _tile_loadd(7, vt + 512, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (cn > 2) {
+          _tile_loadd(6, vt + 1024, 64);
+          _tile_dpbf16ps(2, 4, 6);
+        }
+        if (cn > 3) {
+          _tile_loadd(7, vt + 1536, 64);
+          _tile_dpbf16ps(3, 4, 7);
+        }
+      }
+      for (int64_t t = 0; t < cn; t++) TILE_STORE_C(t, o + 16 * t, Dv * 4);
+    }
+}
+
+// One task: query rows l0 .. l0 + rows of one head against all S keys.
+static void attend_block(const ldm_attn_args *a, const block_buffers *w, const uint16_t *q,
+                         const uint16_t *kp, const uint16_t *vp, int64_t rows, uint16_t *out) {
+  const int64_t D = a->D, nd = round_up(D, 32) / 32, nc = round_up(D, 16) / 16;
+  const int64_t Dq = nd * 32, Dv = nc * 16;
+  _Alignas(64) float m[QB], l[QB];
+  for (int64_t i = 0; i < QB; i++) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+    for (int64_t d = 0; d < Dq; d += 32)
+      _mm512_storeu_si512((void *)(w->q + i * Dq + d),
+                          i < rows ? _mm512_maskz_loadu_epi16(first_n32(D - d), q + i * a->qsl + d)
+                                   : _mm512_setzero_si512());
+  }
+  memset(w->o, 0, sizeof(float) * QB * Dv);
+  const float c = a->scale * 1.4426950408889634f;
+  for (int64_t k0 = 0; k0 < a->S; k0 += KB) {
+    const int64_t nk = a->S - k0 < KB ? a->S - k0 : KB, nkp = round_up(nk, 32);
+    scores(w, kp, k0, nkp, nd);
+    softmax_block(w, m, l, nk, nkp, Dv, c);
+    accumulate(w, vp, k0, nkp, nc);
+  }
+  for (int64_t i = 0; i < rows; i++) {  // O / l, rounded to bf16
+    const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 x = _mm512_mul_ps(inv, _mm512_loadu_ps(w->o + i * Dv + d));
+      _mm256_mask_storeu_epi16(out + i * a->osl + d, first_n16(D - d),
+                               (__m256i)_mm512_cvtneps_pbh(x));
+    }
+  }
+}
+
+// Packs k and v of head t (index b * H + h).
+static void pack_head(const ldm_attn_args *a, int64_t t) {
+  const int64_t b = t / a->H, h = t % a->H;
+  pack_kv(a->k + b * a->ksb + h * a->ksh, a->ksl, a->v + b * a->vsb + h * a->vsh, a->vsl, a->S,
+          a->D, a->kp + t * ldm_kp_size(a->S, a->D), a->vp + t * ldm_vp_size(a->S, a->D));
+}
+
+// Runs tasks [t0, t1) (index (b * H + h) * ceil(L / QB) + query block) on this thread. 0, or
+// -1 when out of memory. The thread's AMX tile configuration and MXCSR are restored.
+static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
+  const int64_t Dq = round_up(a->D, 32), Dv = round_up(a->D, 16), nq = (a->L + QB - 1) / QB;
+  const int64_t kps = ldm_kp_size(a->S, a->D), vps = ldm_vp_size(a->S, a->D);
+  block_buffers w;
+  char *mem = aligned_alloc(64, 2 * QB * Dq + 4 * QB * KB + 2 * QB * KB + 4 * QB * Dv);
+  if (!mem) return -1;
+  w.q = (uint16_t *)mem;
+  w.s = (float *)(mem + 2 * QB * Dq);
+  w.p = (uint16_t *)((char *)w.s + 4 * QB * KB);
+  w.o = (float *)((char *)w.p + 2 * QB * KB);
+  _Alignas(64) tile_config saved, cfg;
+  _tile_storeconfig(&saved);  // other kernels on this thread (oneDNN, inductor) cache theirs
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette_id = 1;
+  for (int i = 0; i < 8; i++) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr | 0x8040);  // flush denormals: exp2 of very negative scores
+  for (int64_t t = t0; t < t1; t++) {
+    const int64_t bh = t / nq, qi = t % nq, b = bh / a->H, h = bh % a->H;
+    const int64_t l0 = qi * QB, rows = a->L - l0 < QB ? a->L - l0 : QB;
+    attend_block(a, &w, a->q + b * a->qsb + h * a->qsh + l0 * a->qsl, a->kp + bh * kps,
+                 a->vp + bh * vps, rows, a->out + b * a->osb + h * a->osh + l0 * a->osl);
+  }
+  _mm_setcsr(csr);
+  if (saved.palette_id)
+    _tile_loadconfig(&saved);
+  else
+    _tile_release();
+  free(mem);
+  return 0;
+}
+
+// The whole attention on `threads` OpenMP threads. Linked against the libgomp PyTorch has
+// loaded (same soname), so these are PyTorch's own worker threads, not a second pool.
+int ldm_attention(const ldm_attn_args *a, int threads) {
+  const int64_t heads = a->B * a->H, tasks = heads * ((a->L + QB - 1) / QB);
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+    for (int64_t t = heads * i / n; t < heads * (i + 1) / n; t++) pack_head(a, t);
+#pragma omp barrier
+    failed |= run_tasks(a, tasks * i / n, tasks * (i + 1) / n) != 0;
+  }
+  return failed ? -1 : 0;
+}

@@ -1,0 +1,92 @@
+"""ldmkit's own C kernels (``ldmkit/accel/csrc``): built with the system C compiler on first
+use, cached, and loaded with ``ctypes``.
+
+The kernels are plain C with CPU intrinsics and no PyTorch headers, so a build takes about a
+second; the shared library is cached under ``$LDMKIT_CACHE_DIR`` (default
+``~/.cache/ldmkit/native``), keyed by a hash of the source, the flags and the compiler, and
+written atomically. ``LDMKIT_NATIVE=0`` turns every native kernel off (the callers then take
+their PyTorch path); so does a missing or failing compiler, with one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+SOURCES = Path(__file__).parent / "csrc"
+_OFF = ("0", "false", "no", "off")
+
+
+def enabled() -> bool:
+    """False when ``LDMKIT_NATIVE`` is set to 0/false/no/off."""
+    return os.environ.get("LDMKIT_NATIVE", "1").strip().lower() not in _OFF
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LDMKIT_CACHE_DIR")
+    if root:
+        return Path(root) / "native"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ldmkit" / "native"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or cc
+    return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
+
+
+def build(name: str, flags: Sequence[str]) -> Path:
+    """Compiles ``csrc/<name>.c`` into a cached shared library (rebuilt only when the source,
+    the flags or the compiler change) and returns its path. Raises ``RuntimeError`` with the
+    compiler's output on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    source = SOURCES / f"{name}.c"
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join([source.read_bytes(), " ".join(flags).encode(), cc.encode(), version.encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, "-shared", "-fPIC", *flags, str(source), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
+        os.replace(tmp, target)  # atomic: concurrent builds of the same key are harmless
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def load(name: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The built ``csrc/<name>.c`` as a ``ctypes.CDLL``, or None (with one warning) when
+    native kernels are off or the build fails. Cached per process."""
+    if not enabled():
+        return None
+    try:
+        return ctypes.CDLL(str(build(name, flags)))
+    except (RuntimeError, OSError) as err:
+        warnings.warn(
+            f"ldmkit: native kernel {name!r} unavailable, using the PyTorch path ({err})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
