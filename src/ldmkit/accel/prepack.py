@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldmkit.accel import winograd
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -94,6 +96,9 @@ class PackedConv2d(nn.Conv2d):
             return super()._conv_forward(x, weight, bias)
         if self._as_gemm(x):
             return self._im2col_forward(x, weight, bias)
+        if x.dtype == torch.float32 and winograd.worth_it(self, x):
+            u = self._pack.get(weight, ("winograd",), lambda: winograd.transform_weight(weight))
+            return winograd.conv3x3(x, u, bias)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
 
         def pack() -> torch.Tensor:
