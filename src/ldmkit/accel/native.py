@@ -3,8 +3,8 @@ use, cached, and loaded with ``ctypes``.
 
 The kernels are plain C with CPU intrinsics and no PyTorch headers, so a build takes about a
 second; the shared library is cached under ``$LDMKIT_CACHE_DIR`` (default
-``~/.cache/ldmkit/native``), keyed by a hash of the source, the flags and the compiler, and
-written atomically. ``LDMKIT_NATIVE=0`` turns every native kernel off (the callers then take
+``~/.cache/ldmkit/native``), keyed by a hash of the source (with the shared headers in
+``csrc``), the flags and the compiler, and written atomically. ``LDMKIT_NATIVE=0`` turns every native kernel off (the callers then take
 their PyTorch path); so does a missing or failing compiler, with one warning.
 """
 
@@ -54,9 +54,9 @@ def build(name: str, flags: Sequence[str]) -> Path:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     source = SOURCES / f"{name}.c"
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), " ".join(flags).encode(), cc.encode(), version.encode()])
-    ).hexdigest()[:16]
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # shared includes
+    parts = [source.read_bytes(), *headers, " ".join(flags).encode(), cc.encode(), version.encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():
         return target

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ldmkit.accel import amx_attention
+from ldmkit.accel import cpu_attention
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -66,8 +66,8 @@ def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; short CPU training sequences take a math path instead
-    (``_math_attention`` without a mask, PyTorch's math kernel with one), and bf16 CPU inference
-    on AMX machines ldmkit's own flash kernel (``ldmkit.accel.amx_attention``).
+    (``_math_attention`` without a mask, PyTorch's math kernel with one), and CPU inference in
+    bf16 (AMX) or fp32 (AVX-512) ldmkit's own flash kernels (``ldmkit.accel.cpu_attention``).
 
     On CPU with gradients the flash kernel's backward is slow for short sequences: a training
     step of the 6.8M-parameter shapes UNet (64 and 16 latent tokens, 24 text tokens) took
@@ -83,8 +83,8 @@ def _sdpa(
             return _math_attention(q, k, v)
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-    if amx_attention.supports(q, k, v, attn_mask):
-        return amx_attention.attention(q, k, v)
+    if cpu_attention.supports(q, k, v, attn_mask):
+        return cpu_attention.attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 

@@ -7,7 +7,7 @@
 //   S = q k^T    AMX tiles, k packed once per head into tiles (VNNI pairs along d)
 //   P = exp2(S * scale * log2(e) - m)    AVX-512, P rounded to bf16
 //   O += P v     AMX tiles, v packed once per head into tiles (VNNI pairs along keys)
-// Built and loaded at run time by ldmkit.accel.native; called from ldmkit.accel.amx_attention.
+// Built and loaded at run time by ldmkit.accel.native; called from ldmkit.accel.cpu_attention.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -16,6 +16,8 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "flash_softmax.h"
 
 #define QB 32   // query rows per task (two 16-row tiles)
 #define KB 256  // keys per softmax block
@@ -44,22 +46,6 @@ int ldm_amx_request(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
 int64_t ldm_kp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 32); }
 int64_t ldm_vp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 16); }
 
-// 2^t for t <= 0: 2^round(t) * p(f), f = t - round(t) in [-1/2, 1/2], p a near-minimax
-// polynomial of 2^f (degree 4: relative error 2.6e-6, far below the bf16 rounding of P).
-static inline __m512 exp2_ps(__m512 t) {
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(0.00957010188f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0559178639f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247449f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121814f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999261f));
-  return _mm512_scalef_ps(p, n);
-}
-
-static inline __mmask16 first_n16(int64_t n) {
-  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
-}
 static inline __mmask32 first_n32(int64_t n) {
   return n >= 32 ? 0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1);
 }
@@ -150,67 +136,6 @@ static void scores(const block_buffers *w, const uint16_t *kp, int64_t k0, int64
   }
 }
 
-// Online softmax step for one key block (nk valid keys, P zero up to nkp): updates m, l,
-// rescales the accumulator rows and writes P (bf16). Works in base 2: c = scale * log2(e).
-// The per-row scalars (max, rescale factor, sum) are batched into 16-wide vectors.
-static void softmax_block(const block_buffers *w, float *m, float *l, int64_t nk, int64_t nkp,
-                          int64_t Dv, float c) {
-  _Alignas(64) float bmax[QB], bsum[QB], alpha[QB];
-  for (int64_t i = 0; i < QB; i++) {  // row maxima of this block
-    const float *srow = w->s + i * KB;
-    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
-    int64_t j = 0;
-    for (; j + 32 <= nk; j += 32) {
-      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(srow + j));
-      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(srow + j + 16));
-    }
-    for (; j < nk; j += 16) {
-      const __mmask16 mk = first_n16(nk - j);
-      m0 = _mm512_mask_max_ps(m0, mk, m0, _mm512_maskz_loadu_ps(mk, srow + j));
-    }
-    bmax[i] = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
-  }
-  const __m512 vc = _mm512_set1_ps(c), floor = _mm512_set1_ps(-200.0f);
-  for (int64_t i = 0; i < QB; i += 16) {  // m_new = max(m, c * block max), alpha = 2^(m - m_new)
-    const __m512 mo = _mm512_load_ps(m + i);
-    const __m512 mn = _mm512_max_ps(mo, _mm512_mul_ps(vc, _mm512_load_ps(bmax + i)));
-    _mm512_store_ps(alpha + i, exp2_ps(_mm512_max_ps(_mm512_sub_ps(mo, mn), floor)));
-    _mm512_store_ps(m + i, mn);
-  }
-  for (int64_t i = 0; i < QB; i++) {  // P = 2^(c S - m_new) and its row sums
-    const float *srow = w->s + i * KB;
-    const __m512 vm = _mm512_set1_ps(m[i]);
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-    uint16_t *prow = w->p + i * KB;
-    int64_t j = 0;
-    for (; j + 32 <= nk; j += 32) {
-      const __m512 p0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm));
-      const __m512 p1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j + 16), vc, vm));
-      s0 = _mm512_add_ps(s0, p0);
-      s1 = _mm512_add_ps(s1, p1);
-      _mm512_storeu_si512((void *)(prow + j), (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-    }
-    for (; j < nkp; j += 16) {  // tail: keys past nk get P = 0
-      const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm);
-      const __m512 p = _mm512_maskz_mov_ps(first_n16(nk - j), exp2_ps(x));
-      s0 = _mm512_add_ps(s0, p);
-      _mm256_storeu_si256((__m256i *)(prow + j), (__m256i)_mm512_cvtneps_pbh(p));
-    }
-    bsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-  }
-  for (int64_t i = 0; i < QB; i += 16) {  // l = l * alpha + row sums
-    const __m512 vl = _mm512_load_ps(l + i);
-    _mm512_store_ps(l + i, _mm512_fmadd_ps(vl, _mm512_load_ps(alpha + i), _mm512_load_ps(bsum + i)));
-  }
-  for (int64_t i = 0; i < QB; i++) {  // O *= alpha (rows whose max grew)
-    if (alpha[i] == 1.0f) continue;
-    const __m512 va = _mm512_set1_ps(alpha[i]);
-    float *orow = w->o + i * Dv;
-    for (int64_t d = 0; d < Dv; d += 16)
-      _mm512_storeu_ps(orow + d, _mm512_mul_ps(va, _mm512_loadu_ps(orow + d)));
-  }
-}
-
 // O += P v for keys k0 .. k0 + nkp, output columns in groups of up to four 16-wide tiles.
 static void accumulate(const block_buffers *w, const uint16_t *vp, int64_t k0, int64_t nkp,
                        int64_t nc) {
@@ -257,11 +182,11 @@ static void attend_block(const ldm_attn_args *a, const block_buffers *w, const u
                                    : _mm512_setzero_si512());
   }
   memset(w->o, 0, sizeof(float) * QB * Dv);
-  const float c = a->scale * 1.4426950408889634f;
+  const float c = (float)((double)a->scale * 1.4426950408889634);  // one rounding
   for (int64_t k0 = 0; k0 < a->S; k0 += KB) {
     const int64_t nk = a->S - k0 < KB ? a->S - k0 : KB, nkp = round_up(nk, 32);
     scores(w, kp, k0, nkp, nd);
-    softmax_block(w, m, l, nk, nkp, Dv, c);
+    online_softmax(w->s, KB, QB, nk, nkp, c, m, l, w->o, Dv, w->p, 1);
     accumulate(w, vp, k0, nkp, nc);
   }
   for (int64_t i = 0; i < rows; i++) {  // O / l, rounded to bf16

@@ -1,0 +1,118 @@
+// The online-softmax step shared by ldmkit's flash-attention kernels (attention_amx.c for
+// bf16, attention_f32.c for fp32): AVX-512, base 2 (c = scale * log2(e) folds the softmax
+// scale into the exponent), the per-row scalars batched into 16-wide vectors.
+#ifndef LDMKIT_FLASH_SOFTMAX_H
+#define LDMKIT_FLASH_SOFTMAX_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+static inline __mmask16 first_n16(int64_t n) {
+  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
+// 2^t = 2^round(t) * p(f), f = t - round(t) in [-1/2, 1/2], p a near-minimax polynomial of
+// 2^f: degree 4 (relative error 2.6e-6, below the bf16 rounding of P) or 5 (7.5e-8, fp32's
+// own rounding).
+static inline __m512 exp2_ps(__m512 t, const int degree) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p;
+  if (degree == 5) {
+    p = _mm512_set1_ps(0.001327647196f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009675541503f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713275f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402211972f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469671f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000072f));
+  } else {
+    p = _mm512_set1_ps(0.00957010188f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0559178639f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247449f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121814f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999999261f));
+  }
+  return _mm512_scalef_ps(p, n);
+}
+
+// Stores 16 probabilities: bf16 (rounded to nearest even) or fp32.
+static inline void store_p(void *dst, __m512 p, __mmask16 keep, const int bf16) {
+#ifdef __AVX512BF16__
+  if (bf16) {
+    _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mov_ps(keep, p)));
+    return;
+  }
+#endif
+  (void)bf16;
+  _mm512_storeu_ps((float *)dst, _mm512_maskz_mov_ps(keep, p));
+}
+
+// One key block of the online softmax for `rows` query rows: s [rows, ld] scores of nk valid
+// keys (computed up to nkp, a multiple of 16); updates the running max m and sum l, rescales
+// the output accumulator o [rows, dv] by 2^(m_old - m_new), and writes P [rows, ld] (zero
+// past nk). m and l hold `rows` (a multiple of 16) 64-byte aligned floats.
+static inline void online_softmax(const float *s, int64_t ld, int64_t rows, int64_t nk,
+                                  int64_t nkp, float c, float *m, float *l, float *o, int64_t dv,
+                                  void *p, const int bf16) {
+  const int degree = bf16 ? 4 : 5;
+  const int64_t esize = bf16 ? 2 : 4;
+  _Alignas(64) float bmax[64], bsum[64], alpha[64];
+  for (int64_t i = 0; i < rows; i++) {  // row maxima of this block
+    const float *srow = s + i * ld;
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 32 <= nk; j += 32) {
+      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(srow + j));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(srow + j + 16));
+    }
+    for (; j < nk; j += 16) {
+      const __mmask16 mk = first_n16(nk - j);
+      m0 = _mm512_mask_max_ps(m0, mk, m0, _mm512_maskz_loadu_ps(mk, srow + j));
+    }
+    bmax[i] = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+  }
+  const __m512 vc = _mm512_set1_ps(c), floor = _mm512_set1_ps(-200.0f);
+  for (int64_t i = 0; i < rows; i += 16) {  // m_new = max(m, c * block max), alpha = 2^(m - m_new)
+    const __m512 mo = _mm512_load_ps(m + i);
+    const __m512 mn = _mm512_max_ps(mo, _mm512_mul_ps(vc, _mm512_load_ps(bmax + i)));
+    _mm512_store_ps(alpha + i, exp2_ps(_mm512_max_ps(_mm512_sub_ps(mo, mn), floor), degree));
+    _mm512_store_ps(m + i, mn);
+  }
+  for (int64_t i = 0; i < rows; i++) {  // P = 2^(c s - m_new) and its row sums
+    const float *srow = s + i * ld;
+    char *prow = (char *)p + i * ld * esize;
+    const __m512 vm = _mm512_set1_ps(m[i]);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    int64_t j = 0;
+    for (; j + 32 <= nk; j += 32) {
+      const __m512 p0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm), degree);
+      const __m512 p1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j + 16), vc, vm), degree);
+      s0 = _mm512_add_ps(s0, p0);
+      s1 = _mm512_add_ps(s1, p1);
+      store_p(prow + j * esize, p0, 0xffff, bf16);
+      store_p(prow + (j + 16) * esize, p1, 0xffff, bf16);
+    }
+    for (; j < nkp; j += 16) {  // tail: keys past nk get P = 0
+      const __mmask16 keep = first_n16(nk - j);
+      const __m512 x = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm), degree);
+      s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(keep, x));
+      store_p(prow + j * esize, x, keep, bf16);
+    }
+    bsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+  for (int64_t i = 0; i < rows; i += 16) {  // l = l * alpha + row sums
+    const __m512 vl = _mm512_load_ps(l + i);
+    _mm512_store_ps(l + i,
+                    _mm512_fmadd_ps(vl, _mm512_load_ps(alpha + i), _mm512_load_ps(bsum + i)));
+  }
+  for (int64_t i = 0; i < rows; i++) {  // o *= alpha (rows whose max grew)
+    if (alpha[i] == 1.0f) continue;
+    const __m512 va = _mm512_set1_ps(alpha[i]);
+    float *orow = o + i * dv;
+    for (int64_t d = 0; d < dv; d += 16)
+      _mm512_storeu_ps(orow + d, _mm512_mul_ps(va, _mm512_loadu_ps(orow + d)));
+  }
+}
+
+#endif
