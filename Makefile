@@ -33,11 +33,13 @@ test: $(STAMP) lint
 RUNTIMES := openvino==2026.4.1 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2
 
 # Speed of ldmkit against diffusers, OpenVINO and ONNX Runtime (installed here) on random
-# SD 1.5-layout weights (about 30 minutes on 2 cores); writes benchmarks/results/speed.{json,md}
-# and sd_full_unet.{json,md}. The GPU variant is benchmarks/speed_gpu.py (needs CUDA).
+# SD 1.5-layout weights (about 30 minutes on 2 cores); writes benchmarks/results/speed.{json,md},
+# kernels.{json,md} (ldmkit's C kernels against PyTorch's) and sd_full_unet.{json,md}.
+# The GPU variant is benchmarks/speed_gpu.py (needs CUDA).
 bench: $(STAMP)
 	$(BIN)/pip install -q $(RUNTIMES)
 	$(BIN)/python benchmarks/speed.py --runtimes --compile --repeats 3 --t2i-repeats 2
+	$(BIN)/python benchmarks/kernels.py
 	$(BIN)/python benchmarks/sd_full_unet.py
 
 # Only the runtimes against eager ldmkit, with contention-aware repetitions (~5 minutes).

@@ -179,3 +179,14 @@ def test_native_build_is_cached_and_a_failing_build_warns_once(tmp_path, monkeyp
         native.load.cache_clear()
     built = sorted(p.name for p in (tmp_path / "native").iterdir())
     assert len(built) == 2 and all(name.startswith("answer-") for name in built)  # no temp files
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_traced_graph_gets_sdpa_not_the_opaque_kernel(dtype):
+    """torch.jit.trace (OpenVINO's converter, the TorchScript ONNX exporter) cannot see into a
+    C call: a trace taken through the kernel would replay stale outputs for new inputs."""
+    q, k, v = _qkv(1, 2, 256, 256, 40, dtype=dtype)
+    with torch.no_grad():
+        traced = torch.jit.trace(layers.sdpa, (q, k, v), check_trace=False)
+        q2, k2, v2 = _qkv(1, 2, 256, 256, 40, seed=5, dtype=dtype)
+        assert torch.allclose(traced(q2, k2, v2), F.scaled_dot_product_attention(q2, k2, v2))

@@ -4,7 +4,7 @@ use, cached, and loaded with ``ctypes``.
 The kernels are plain C with CPU intrinsics and no PyTorch headers, so a build takes about a
 second; the shared library is cached under ``$LDMKIT_CACHE_DIR`` (default
 ``~/.cache/ldmkit/native``), keyed by a hash of the source (with the shared headers in
-``csrc``), the flags and the compiler, and written atomically. ``LDMKIT_NATIVE=0`` turns every native kernel off (the callers then take
+``csrc``), the flags, the compiler and the CPU, and written atomically. ``LDMKIT_NATIVE=0`` turns every native kernel off (the callers then take
 their PyTorch path); so does a missing or failing compiler, with one warning.
 """
 
@@ -14,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -45,9 +46,21 @@ def _compiler() -> str | None:
     return next((p for p in map(shutil.which, ("cc", "gcc", "clang")) if p), None)
 
 
+@functools.cache
+def _cpu_signature() -> bytes:
+    """The CPU's model and feature flags (part of the cache key: ``-march=native`` builds must
+    not be reused on another CPU through a shared home directory)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep).encode()
+
+
 def build(name: str, flags: Sequence[str]) -> Path:
     """Compiles ``csrc/<name>.c`` into a cached shared library (rebuilt only when the source,
-    the flags or the compiler change) and returns its path. Raises ``RuntimeError`` with the
+    the flags, the compiler or the CPU change) and returns its path. Raises ``RuntimeError`` with the
     compiler's output on failure."""
     cc = _compiler()
     if cc is None:
@@ -56,6 +69,7 @@ def build(name: str, flags: Sequence[str]) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # shared includes
     parts = [source.read_bytes(), *headers, " ".join(flags).encode(), cc.encode(), version.encode()]
+    parts.append(_cpu_signature())
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if target.exists():

@@ -1,0 +1,166 @@
+"""ldmkit's own CPU kernels against the PyTorch kernels they replace, on SD 1.5 shapes.
+
+- attention (``ldmkit.accel.cpu_attention``) against ``F.scaled_dot_product_attention``, in
+  bf16 (AMX) and fp32 (AVX-512): the UNet's self-attention at 512 px (4096 tokens) and 256 px
+  (1024), and its cross-attention to 77 text tokens; batch 2, 8 heads of 40;
+- fp32 3x3 convolutions by Winograd F(2x2, 3x3) (``ldmkit.accel.winograd``) against the
+  pre-packed oneDNN convolution that ``PackedConv2d`` otherwise runs, at the UNet's levels.
+
+Contenders alternate (A, B, A, B, ...) after a warm-up; the table has the min of each and
+the max abs error of each against an fp64 reference. Writes benchmarks/results/kernels.json
+and kernels.md.
+
+    python benchmarks/kernels.py --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ldmkit.accel import cpu_attention, winograd
+
+RESULTS = Path(__file__).parent / "results"
+ATTENTION = [  # (label, batch, heads, queries, keys, head dim)
+    ("self-attention, 512 px", 2, 8, 4096, 4096, 40),
+    ("self-attention, 256 px", 2, 8, 1024, 1024, 40),
+    ("cross-attention, 512 px", 2, 8, 4096, 77, 40),
+    ("cross-attention, 256 px", 2, 8, 1024, 77, 40),
+]
+CONVS = [  # (batch, in channels, out channels, size)
+    (2, 320, 320, 32), (2, 640, 640, 16), (2, 1280, 1280, 8), (2, 2560, 1280, 8),
+    (2, 640, 640, 32), (2, 960, 320, 64), (2, 320, 320, 64),
+]  # fmt: skip
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Min seconds of each callable, alternating them after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def attention_rows(repeats: int) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for label, b, h, n, s, d in ATTENTION:
+        q, k, v = (torch.randn(b, h, m, d, generator=g) for m in (n, s, s))
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        for dtype in (torch.bfloat16, torch.float32):
+            if not cpu_attention.available(dtype):
+                continue
+            qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+            fns = {
+                "PyTorch SDPA": partial(F.scaled_dot_product_attention, qd, kd, vd),
+                "ldmkit": partial(cpu_attention.attention, qd, kd, vd),
+            }
+            with torch.inference_mode():
+                best = interleaved(fns, repeats)
+                err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+            gflop = 4 * b * h * n * s * d / 1e9
+            rows.append(
+                _row("attention", f"{label} [{b}x{h}x{n}x{s}x{d}]", dtype, best, err, gflop)
+            )
+    return rows
+
+
+def conv_rows(repeats: int) -> list[dict]:
+    rows = []
+    if not winograd.available():
+        return rows
+    g = torch.Generator().manual_seed(0)
+    ops = torch.ops.mkldnn
+    for b, c, k, size in CONVS:
+        x = torch.randn(b, c, size, size, generator=g)
+        w = torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)
+        bias = torch.randn(k, generator=g)
+        exact = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
+        args = ([1, 1], [1, 1], [1, 1], 1)
+        packed = ops._reorder_convolution_weight(w, *args, list(x.shape))
+        u = winograd.transform_weight(w)
+        conv = ops._convolution_pointwise
+        fns = {
+            "oneDNN (pre-packed)": partial(conv, x, packed, bias, *args, "none", [], ""),
+            "ldmkit Winograd": partial(winograd.conv3x3, x, u, bias),
+        }
+        with torch.inference_mode():
+            best = interleaved(fns, repeats)
+            err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+        gflop = 2 * b * k * c * 9 * size * size / 1e9
+        taken = winograd.worth_it(torch.nn.Conv2d(c, k, 3, padding=1), x)
+        label = f"3x3 conv {c}->{k} at {size}x{size}, batch {b}" + ("" if taken else " (not taken)")
+        rows.append(_row("conv", label, torch.float32, best, err, gflop))
+    return rows
+
+
+def _row(kind: str, label: str, dtype, best: dict, err: dict, gflop: float) -> dict:
+    base, ours = list(best)
+    return {
+        "kind": kind,
+        "case": label,
+        "dtype": str(dtype).replace("torch.", ""),
+        "baseline": base,
+        "baseline_ms": best[base] * 1e3,
+        "ldmkit_ms": best[ours] * 1e3,
+        "speedup": best[base] / best[ours],
+        "gflop": gflop,
+        "baseline_max_err": err[base],
+        "ldmkit_max_err": err[ours],
+    }
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        f"Measured {res['date']} on {res['machine']}, torch {res['torch']}, "
+        f"{res['threads']} threads. Command: `{res['command']}`.",
+        "",
+        "| kernel | dtype | baseline | baseline ms | ldmkit ms | speed-up | ldmkit GFLOP/s "
+        "| max abs err vs fp64 (baseline / ldmkit) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['baseline']} | {r['baseline_ms']:.2f} | "
+            f"{r['ldmkit_ms']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['gflop'] / r['ldmkit_ms'] * 1e3:.0f} | "
+            f"{r['baseline_max_err']:.1e} / {r['ldmkit_max_err']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    res = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "command": f"python benchmarks/kernels.py --repeats {args.repeats} --threads {args.threads}",
+        "rows": attention_rows(args.repeats) + conv_rows(args.repeats),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
+    (args.out / "kernels.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
