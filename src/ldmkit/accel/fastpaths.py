@@ -11,6 +11,8 @@
   call (``ldmkit.accel.prepack``; the same products, rounded in an order that may differ).
   In fp32, wide 3x3 convolutions run as Winograd F(2x2, 3x3) (``ldmkit.accel.winograd``:
   2.25x fewer multiplies, as accurate as the direct kernel).
+- for bf16, with its GroupNorms (and the SiLU after each, where a ``nn.Sequential`` has one)
+  run by ldmkit's channels-last kernel (``ldmkit.accel.group_norm``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ldmkit.accel import group_norm
 from ldmkit.accel.prepack import prepack
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -33,6 +36,8 @@ def prepare_for_inference(
     if next(module.parameters()).device.type == "cpu":
         if dtype in LOW_PRECISION:
             module.to(memory_format=torch.channels_last)
+        if dtype == torch.bfloat16:
+            group_norm.fuse(module)
         if pack:
             prepack(module)
     return module
