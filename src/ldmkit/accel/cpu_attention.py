@@ -11,7 +11,7 @@ softmax; fp32 scores, softmax and accumulator) with the products written for the
 - fp32, ``csrc/attention_f32.c``: AVX-512 register blocks, keys packed transposed once per
   head, a degree-5 exponential (fp32's own rounding error).
 
-Both exponentials are polynomials on AVX-512 (``csrc/flash_softmax.h``). The tests bound
+Both exponentials are polynomials on AVX-512 (``csrc/flash_common.h``). The tests bound
 their error against an fp64 reference by PyTorch's own error at the same precision.
 
 ``nn.layers.sdpa`` uses them for CPU inference without a mask when ``supports`` says yes;

@@ -17,19 +17,11 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include "flash_softmax.h"
+#include "flash_common.h"
 
 #define QB 32   // query rows per task (two 16-row tiles)
 #define KB 256  // keys per softmax block
 
-typedef struct {
-  const uint16_t *q, *k, *v;
-  uint16_t *out;
-  int64_t B, H, L, S, D;
-  int64_t qsb, qsh, qsl, ksb, ksh, ksl, vsb, vsh, vsl, osb, osh, osl;  // element strides
-  float scale;
-  uint16_t *kp, *vp;  // workspace for the packed k and v of every (batch, head)
-} ldm_attn_args;
 
 typedef struct {
   uint8_t palette_id, start_row, reserved[14];
@@ -202,8 +194,10 @@ static void attend_block(const ldm_attn_args *a, const block_buffers *w, const u
 // Packs k and v of head t (index b * H + h).
 static void pack_head(const ldm_attn_args *a, int64_t t) {
   const int64_t b = t / a->H, h = t % a->H;
-  pack_kv(a->k + b * a->ksb + h * a->ksh, a->ksl, a->v + b * a->vsb + h * a->vsh, a->vsl, a->S,
-          a->D, a->kp + t * ldm_kp_size(a->S, a->D), a->vp + t * ldm_vp_size(a->S, a->D));
+  const uint16_t *k = a->k, *v = a->v;
+  uint16_t *kp = a->kp, *vp = a->vp;
+  pack_kv(k + b * a->ksb + h * a->ksh, a->ksl, v + b * a->vsb + h * a->vsh, a->vsl, a->S, a->D,
+          kp + t * ldm_kp_size(a->S, a->D), vp + t * ldm_vp_size(a->S, a->D));
 }
 
 // Runs tasks [t0, t1) (index (b * H + h) * ceil(L / QB) + query block) on this thread. 0, or
@@ -229,11 +223,13 @@ static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
   _tile_loadconfig(&cfg);
   const unsigned csr = _mm_getcsr();
   _mm_setcsr(csr | 0x8040);  // flush denormals: exp2 of very negative scores
+  const uint16_t *q = a->q, *kp = a->kp, *vp = a->vp;
+  uint16_t *out = a->out;
   for (int64_t t = t0; t < t1; t++) {
     const int64_t bh = t / nq, qi = t % nq, b = bh / a->H, h = bh % a->H;
     const int64_t l0 = qi * QB, rows = a->L - l0 < QB ? a->L - l0 : QB;
-    attend_block(a, &w, a->q + b * a->qsb + h * a->qsh + l0 * a->qsl, a->kp + bh * kps,
-                 a->vp + bh * vps, rows, a->out + b * a->osb + h * a->osh + l0 * a->osl);
+    attend_block(a, &w, q + b * a->qsb + h * a->qsh + l0 * a->qsl, kp + bh * kps, vp + bh * vps,
+                 rows, out + b * a->osb + h * a->osh + l0 * a->osl);
   }
   _mm_setcsr(csr);
   if (saved.palette_id)
@@ -244,17 +240,7 @@ static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
   return 0;
 }
 
-// The whole attention on `threads` OpenMP threads. Linked against the libgomp PyTorch has
-// loaded (same soname), so these are PyTorch's own worker threads, not a second pool.
+// The whole attention on `threads` OpenMP threads.
 int ldm_attention(const ldm_attn_args *a, int threads) {
-  const int64_t heads = a->B * a->H, tasks = heads * ((a->L + QB - 1) / QB);
-  int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-  {
-    const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-    for (int64_t t = heads * i / n; t < heads * (i + 1) / n; t++) pack_head(a, t);
-#pragma omp barrier
-    failed |= run_tasks(a, tasks * i / n, tasks * (i + 1) / n) != 0;
-  }
-  return failed ? -1 : 0;
+  return flash_parallel(a, QB, pack_head, run_tasks, threads);
 }

@@ -2,7 +2,7 @@
 //
 // softmax(q k^T * scale) v for q [L, D], k, v [S, D] per (batch, head), all fp32. One task is a
 // block of QB query rows against all keys, in key blocks of KB with the online softmax of
-// FlashAttention (flash_softmax.h, degree-5 exponential: fp32 accuracy).
+// FlashAttention (flash_common.h, degree-5 exponential: fp32 accuracy).
 //   S = q k^T    register blocks of 8 rows x 32 keys; k packed once per head transposed in
 //                blocks of 32 keys, [S/32][D][32], so 32 keys are two vector loads per d
 //   O += P v     register blocks of 4 rows x up to 64 columns; v packed [S][Dv], zero padded
@@ -14,19 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "flash_softmax.h"
+#include "flash_common.h"
 
 #define QB 32  // query rows per task
 #define KB 256  // keys per softmax block
 
-typedef struct {
-  const float *q, *k, *v;
-  float *out;
-  int64_t B, H, L, S, D;
-  int64_t qsb, qsh, qsl, ksb, ksh, ksl, vsb, vsh, vsl, osb, osh, osl;  // element strides
-  float scale;
-  float *kt, *vp;  // workspace for the packed k and v of every (batch, head)
-} ldm_attn32_args;
 
 static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -35,11 +27,12 @@ int64_t ldm_vp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D,
 
 // k [S, D] -> kt [Sp/32][D][32] (transposed per 32-key block), v [S, D] -> vp [Sp][Dv]; zero
 // padded.
-static void pack_head(const ldm_attn32_args *a, int64_t t) {
+static void pack_head(const ldm_attn_args *a, int64_t t) {
   const int64_t b = t / a->H, h = t % a->H, S = a->S, D = a->D;
   const int64_t Sp = round_up(S, 32), Dv = round_up(D, 16);
-  const float *k = a->k + b * a->ksb + h * a->ksh, *v = a->v + b * a->vsb + h * a->vsh;
-  float *kt = a->kt + t * ldm_kt_size(S, D), *vp = a->vp + t * ldm_vp_size(S, D);
+  const float *k = (const float *)a->k + b * a->ksb + h * a->ksh;
+  const float *v = (const float *)a->v + b * a->vsb + h * a->vsh;
+  float *kt = (float *)a->kp + t * ldm_kt_size(S, D), *vp = (float *)a->vp + t * ldm_vp_size(S, D);
   memset(kt, 0, sizeof(float) * D * Sp);
   for (int64_t n = 0; n < S; n++)
     for (int64_t d = 0; d < D; d++) kt[((n / 32) * D + d) * 32 + n % 32] = k[n * a->ksl + d];
@@ -93,7 +86,7 @@ typedef struct {
   float *o;  // [QB, Dv] output accumulator
 } block_buffers;
 
-static void attend_block(const ldm_attn32_args *a, const block_buffers *w, const float *q,
+static void attend_block(const ldm_attn_args *a, const block_buffers *w, const float *q,
                          const float *kt, const float *vp, int64_t rows, float *out) {
   const int64_t D = a->D, Dv = round_up(D, 16);
   _Alignas(64) float m[QB], l[QB];
@@ -132,7 +125,7 @@ static void attend_block(const ldm_attn32_args *a, const block_buffers *w, const
 
 // Tasks [t0, t1) (index (b * H + h) * ceil(L / QB) + query block) on this thread; 0, or -1
 // when out of memory.
-static int run_tasks(const ldm_attn32_args *a, int64_t t0, int64_t t1) {
+static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
   const int64_t D = a->D, Dv = round_up(D, 16), nq = (a->L + QB - 1) / QB;
   const int64_t kts = ldm_kt_size(a->S, D), vps = ldm_vp_size(a->S, D);
   const size_t qsize = (size_t)round_up(QB * D, 16) * 4;
@@ -142,27 +135,20 @@ static int run_tasks(const ldm_attn32_args *a, int64_t t0, int64_t t1) {
                      (float *)(mem + qsize) + 2 * QB * KB};
   const unsigned csr = _mm_getcsr();
   _mm_setcsr(csr | 0x8040);  // flush denormals: exp2 of very negative scores
+  const float *q = a->q, *kt = a->kp, *vp = a->vp;
+  float *out = a->out;
   for (int64_t t = t0; t < t1; t++) {
     const int64_t bh = t / nq, qi = t % nq, b = bh / a->H, h = bh % a->H;
     const int64_t l0 = qi * QB, rows = a->L - l0 < QB ? a->L - l0 : QB;
-    attend_block(a, &w, a->q + b * a->qsb + h * a->qsh + l0 * a->qsl, a->kt + bh * kts,
-                 a->vp + bh * vps, rows, a->out + b * a->osb + h * a->osh + l0 * a->osl);
+    attend_block(a, &w, q + b * a->qsb + h * a->qsh + l0 * a->qsl, kt + bh * kts, vp + bh * vps,
+                 rows, out + b * a->osb + h * a->osh + l0 * a->osl);
   }
   _mm_setcsr(csr);
   free(mem);
   return 0;
 }
 
-// The whole attention on `threads` OpenMP threads (PyTorch's own pool: same libgomp).
-int ldm_attention_f32(const ldm_attn32_args *a, int threads) {
-  const int64_t heads = a->B * a->H, tasks = heads * ((a->L + QB - 1) / QB);
-  int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-  {
-    const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
-    for (int64_t t = heads * i / n; t < heads * (i + 1) / n; t++) pack_head(a, t);
-#pragma omp barrier
-    failed |= run_tasks(a, tasks * i / n, tasks * (i + 1) / n) != 0;
-  }
-  return failed ? -1 : 0;
+// The whole attention on `threads` OpenMP threads.
+int ldm_attention_f32(const ldm_attn_args *a, int threads) {
+  return flash_parallel(a, QB, pack_head, run_tasks, threads);
 }

@@ -14,10 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "flash_softmax.h"  // exp2_ps, first_n16
+#include "flash_common.h"  // exp2_ps, first_n16
 
 static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 -> fp32: the high half
 }
 
 // Per-(n, channel) sums of (x - shift) and (x - shift)^2 over positions, split over threads

@@ -1,12 +1,43 @@
-// The online-softmax step shared by ldmkit's flash-attention kernels (attention_amx.c for
-// bf16, attention_f32.c for fp32): AVX-512, base 2 (c = scale * log2(e) folds the softmax
-// scale into the exponent), the per-row scalars batched into 16-wide vectors.
-#ifndef LDMKIT_FLASH_SOFTMAX_H
-#define LDMKIT_FLASH_SOFTMAX_H
+// What ldmkit's flash-attention kernels share (attention_amx.c for bf16, attention_f32.c for
+// fp32): the argument struct, the parallel driver, and the online-softmax step (AVX-512, base
+// 2: c = scale * log2(e) folds the softmax scale into the exponent; the per-row scalars
+// batched into 16-wide vectors). group_norm.c uses exp2_ps and first_n16.
+#ifndef LDMKIT_FLASH_COMMON_H
+#define LDMKIT_FLASH_COMMON_H
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+
+typedef struct {
+  const void *q, *k, *v;  // [B, H, L or S, D], element type of the kernel
+  void *out;
+  int64_t B, H, L, S, D;
+  int64_t qsb, qsh, qsl, ksb, ksh, ksl, vsb, vsh, vsl, osb, osh, osl;  // element strides
+  float scale;
+  void *kp, *vp;  // workspace for the packed k and v of every (batch, head)
+} ldm_attn_args;
+
+// Packs every head's k and v (pack(a, head)), then runs the query blocks (run(a, t0, t1) for
+// tasks [t0, t1), index (b * H + h) * ceil(L / qb) + block) on `threads` OpenMP threads. The
+// kernels link against the libgomp PyTorch has loaded (same soname), so these are PyTorch's own
+// worker threads, not a second pool. 0, or -1 when a thread ran out of memory.
+static inline int flash_parallel(const ldm_attn_args *a, int64_t qb,
+                                 void (*pack)(const ldm_attn_args *, int64_t),
+                                 int (*run)(const ldm_attn_args *, int64_t, int64_t),
+                                 int threads) {
+  const int64_t heads = a->B * a->H, tasks = heads * ((a->L + qb - 1) / qb);
+  int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+  {
+    const int64_t n = omp_get_num_threads(), i = omp_get_thread_num();
+    for (int64_t t = heads * i / n; t < heads * (i + 1) / n; t++) pack(a, t);
+#pragma omp barrier
+    failed |= run(a, tasks * i / n, tasks * (i + 1) / n) != 0;
+  }
+  return failed ? -1 : 0;
+}
 
 static inline __mmask16 first_n16(int64_t n) {
   return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
