@@ -4,7 +4,9 @@
   bf16 (AMX) and fp32 (AVX-512): the UNet's self-attention at 512 px (4096 tokens) and 256 px
   (1024), and its cross-attention to 77 text tokens; batch 2, 8 heads of 40;
 - fp32 3x3 convolutions by Winograd F(2x2, 3x3) (``ldmkit.accel.winograd``) against the
-  pre-packed oneDNN convolution that ``PackedConv2d`` otherwise runs, at the UNet's levels.
+  pre-packed oneDNN convolution that ``PackedConv2d`` otherwise runs, at the UNet's levels;
+- bf16 channels-last GroupNorm + SiLU (``ldmkit.accel.group_norm``) against ``F.group_norm``
+  then ``F.silu`` on the same tensor.
 
 Contenders alternate (A, B, A, B, ...) after a warm-up; the table has the min of each and
 the max abs error of each against an fp64 reference. Writes benchmarks/results/kernels.json
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldmkit.accel import cpu_attention, winograd
+from ldmkit.accel import cpu_attention, group_norm, winograd
 
 RESULTS = Path(__file__).parent / "results"
 ATTENTION = [  # (label, batch, heads, queries, keys, head dim)
@@ -34,6 +36,7 @@ ATTENTION = [  # (label, batch, heads, queries, keys, head dim)
     ("cross-attention, 512 px", 2, 8, 4096, 77, 40),
     ("cross-attention, 256 px", 2, 8, 1024, 77, 40),
 ]
+NORMS = [(2, 128, 16, 16), (2, 320, 32, 32), (2, 640, 16, 16), (2, 320, 64, 64)]
 CONVS = [  # (batch, in channels, out channels, size)
     (2, 320, 320, 32), (2, 640, 640, 16), (2, 1280, 1280, 8), (2, 2560, 1280, 8),
     (2, 640, 640, 32), (2, 960, 320, 64), (2, 320, 320, 64),
@@ -106,6 +109,32 @@ def conv_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def group_norm_rows(repeats: int) -> list[dict]:
+    rows = []
+    if not group_norm.available():
+        return rows
+    g = torch.Generator().manual_seed(0)
+    for shape in NORMS:
+        x = (
+            torch.randn(*shape, generator=g)
+            .bfloat16()
+            .contiguous(memory_format=torch.channels_last)
+        )
+        w, b = torch.randn(shape[1], generator=g).bfloat16(), torch.randn(shape[1], generator=g)
+        b = b.bfloat16()
+        exact = F.silu(F.group_norm(x.double(), 32, w.double(), b.double(), 1e-5))
+        fns = {
+            "PyTorch GroupNorm + SiLU": lambda: F.silu(F.group_norm(x, 32, w, b, 1e-5)),  # noqa: B023
+            "ldmkit": partial(group_norm.group_norm, x, 32, w, b, 1e-5, True),
+        }
+        with torch.inference_mode():
+            best = interleaved(fns, repeats)
+            err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+        label = f"GroupNorm(32) + SiLU, channels-last {list(shape)}"
+        rows.append(_row("group_norm", label, torch.bfloat16, best, err, 0.0))
+    return rows
+
+
 def _row(kind: str, label: str, dtype, best: dict, err: dict, gflop: float) -> dict:
     base, ours = list(best)
     return {
@@ -127,15 +156,16 @@ def markdown(res: dict) -> str:
         f"Measured {res['date']} on {res['machine']}, torch {res['torch']}, "
         f"{res['threads']} threads. Command: `{res['command']}`.",
         "",
-        "| kernel | dtype | baseline | baseline ms | ldmkit ms | speed-up | ldmkit GFLOP/s "
+        "| kernel | dtype | baseline | baseline ms | ldmkit ms | speed-up | ldmkit GFLOP/s (conv: "
+        "direct-convolution FLOPs) "
         "| max abs err vs fp64 (baseline / ldmkit) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
+        rate = f"{r['gflop'] / r['ldmkit_ms'] * 1e3:.0f}" if r["gflop"] else "—"
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['baseline']} | {r['baseline_ms']:.2f} | "
-            f"{r['ldmkit_ms']:.2f} | {r['speedup']:.2f}x | "
-            f"{r['gflop'] / r['ldmkit_ms'] * 1e3:.0f} | "
+            f"{r['ldmkit_ms']:.2f} | {r['speedup']:.2f}x | {rate} | "
             f"{r['baseline_max_err']:.1e} / {r['ldmkit_max_err']:.1e} |"
         )
     return "\n".join(lines) + "\n"
@@ -154,7 +184,9 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": args.threads,
         "command": f"python benchmarks/kernels.py --repeats {args.repeats} --threads {args.threads}",
-        "rows": attention_rows(args.repeats) + conv_rows(args.repeats),
+        "rows": attention_rows(args.repeats)
+        + conv_rows(args.repeats)
+        + group_norm_rows(args.repeats),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
