@@ -32,7 +32,7 @@ import torch
 from ldmkit.accel import native
 
 _AVX512 = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
-# name -> (C source, compiler flags, CPU flags needed, entry point, packed k / v size functions)
+# dtype -> (C source, compiler flags, CPU flags needed, entry point, packed k / v size functions)
 _KERNELS = {
     torch.bfloat16: (
         "attention_amx",
@@ -59,7 +59,7 @@ MAX_HEAD_DIM = {torch.bfloat16: 160, torch.float32: 64}
 
 
 class _Args(ctypes.Structure):
-    """The C kernels' argument struct (same layout in both sources)."""
+    """The C kernels' argument struct (``ldm_attn_args`` in ``csrc/flash_common.h``)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("q", "k", "v", "out")]
     _fields_ += [(n, ctypes.c_int64) for n in ("B", "H", "L", "S", "D")]
@@ -68,23 +68,11 @@ class _Args(ctypes.Structure):
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
 def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
     if dtype not in _KERNELS or platform.machine() not in ("x86_64", "AMD64"):
         return None
     name, flags, cpu, entry, sizes = _KERNELS[dtype]
-    if not cpu.issubset(_cpu_flags()):
+    if not cpu.issubset(native.cpu_flags()):
         return None
     lib = native.load(name, flags)
     if lib is None:

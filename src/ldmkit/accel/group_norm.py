@@ -32,9 +32,7 @@ _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    from ldmkit.accel.cpu_attention import _cpu_flags  # one /proc/cpuinfo reader
-
-    if not _CPU_FLAGS.issubset(_cpu_flags()):
+    if not _CPU_FLAGS.issubset(native.cpu_flags()):
         return None
     lib = native.load("group_norm", _FLAGS)
     if lib is None:

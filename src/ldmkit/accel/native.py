@@ -47,6 +47,19 @@ def _compiler() -> str | None:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
 def _cpu_signature() -> bytes:
     """The CPU's model and feature flags (part of the cache key: ``-march=native`` builds must
     not be reused on another CPU through a shared home directory)."""
