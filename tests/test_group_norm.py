@@ -66,6 +66,10 @@ def test_supports_only_bf16_channels_last_inference():
         assert not gn.supports(x.float().contiguous(memory_format=torch.channels_last))
     xg = x.clone().requires_grad_()
     assert not gn.supports(xg)
+    weight = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)
+    assert not gn.supports(x, weight)  # a trainable weight: autograd must see the op
+    with torch.no_grad():
+        assert gn.supports(x, weight)
 
 
 def test_fuse_keeps_state_and_function_and_unfuse_restores():

@@ -51,14 +51,16 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(x: torch.Tensor) -> bool:
-    """bf16 [N, C, H, W] channels-last CPU tensor, no autograd, not compiling or tracing."""
+def supports(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """bf16 [N, C, H, W] channels-last CPU tensor, no autograd through it or ``params``, not
+    compiling or tracing."""
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not grads
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and available()
@@ -98,7 +100,7 @@ class NativeGroupNorm(nn.GroupNorm):
     fused_silu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if supports(x):
+        if supports(x, self.weight, self.bias):
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.fused_silu)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(y) if self.fused_silu else y

@@ -22,7 +22,6 @@
 #define QB 32   // query rows per task (two 16-row tiles)
 #define KB 256  // keys per softmax block
 
-
 typedef struct {
   uint8_t palette_id, start_row, reserved[14];
   uint16_t colsb[16];
@@ -42,8 +41,9 @@ static inline __mmask32 first_n32(int64_t n) {
   return n >= 32 ? 0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1);
 }
 
-// k [S, D] (row stride ks) -> tiles [S/16][Dq/32][16 d-pairs][16 keys][2]; v [S, D] (row
-// stride vs) -> tiles [Sp/32][Dv/16][16 key-pairs][16 columns][2]; zero padded.
+// k [S, D] (row stride ks, 16 ks < 2^31: 32-bit gather offsets) -> tiles
+// [S/16][Dq/32][16 d-pairs][16 keys][2]; v [S, D] (row stride vs) -> tiles
+// [Sp/32][Dv/16][16 key-pairs][16 columns][2]; zero padded.
 static void pack_kv(const uint16_t *k, int64_t ks, const uint16_t *v, int64_t vs, int64_t S,
                     int64_t D, uint16_t *kp, uint16_t *vp) {
   const int64_t Sp = round_up(S, 32), nd = round_up(D, 32) / 32, nc = round_up(D, 16) / 16;
