@@ -93,12 +93,6 @@ def available(dtype: torch.dtype) -> bool:
     return _library(dtype) is not None
 
 
-def _tracing() -> bool:
-    """Inside ``torch.compile``/``torch.export`` or ``torch.jit.trace`` (OpenVINO's and the
-    TorchScript ONNX exporter's path): tracers cannot see into a C call, so they get SDPA."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
 def supports(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
 ) -> bool:
@@ -107,7 +101,7 @@ def supports(
     ``MAX_HEAD_DIM[dtype]`` (even for bf16) with contiguous last dimension (and even row
     strides for bf16), at least ``MIN_SCORES[dtype]`` query x key pairs, outside
     ``torch.compile``."""
-    if attn_mask is not None or q.device.type != "cpu" or _tracing():
+    if attn_mask is not None or q.device.type != "cpu" or native.tracing():
         return False
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not (q.dtype == k.dtype == v.dtype):
         return False

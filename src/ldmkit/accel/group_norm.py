@@ -61,8 +61,7 @@ def supports(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
         and not grads
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        and not native.tracing()
         and available()
     )
 

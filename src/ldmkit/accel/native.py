@@ -4,8 +4,10 @@ use, cached, and loaded with ``ctypes``.
 The kernels are plain C with CPU intrinsics and no PyTorch headers, so a build takes about a
 second; the shared library is cached under ``$LDMKIT_CACHE_DIR`` (default
 ``~/.cache/ldmkit/native``), keyed by a hash of the source (with the shared headers in
-``csrc``), the flags, the compiler and the CPU, and written atomically. ``LDMKIT_NATIVE=0`` turns every native kernel off (the callers then take
-their PyTorch path); so does a missing or failing compiler, with one warning.
+``csrc``), the flags, the compiler and the CPU, and written atomically. ``LDMKIT_NATIVE=0``
+turns every native kernel off (the callers then take their PyTorch path); so does a missing
+or failing compiler, with one warning. Tracers cannot see into a C call, so the callers also
+step aside inside ``torch.compile``/``torch.export`` and ``torch.jit.trace`` (``tracing``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 SOURCES = Path(__file__).parent / "csrc"
 _OFF = ("0", "false", "no", "off")
 
@@ -29,6 +33,13 @@ _OFF = ("0", "false", "no", "off")
 def enabled() -> bool:
     """False when ``LDMKIT_NATIVE`` is set to 0/false/no/off."""
     return os.environ.get("LDMKIT_NATIVE", "1").strip().lower() not in _OFF
+
+
+def tracing() -> bool:
+    """Inside ``torch.compile``/``torch.export`` or ``torch.jit.trace`` (OpenVINO's converter,
+    the TorchScript ONNX exporter): a C call would be invisible to the graph, so callers take
+    their PyTorch path."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def cache_dir() -> Path:
@@ -47,39 +58,41 @@ def _compiler() -> str | None:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
-def _cpu_signature() -> bytes:
-    """The CPU's model and feature flags (part of the cache key: ``-march=native`` builds must
-    not be reused on another CPU through a shared home directory)."""
+def _cpuinfo() -> tuple[str, ...]:
+    """The "model name" and "flags" lines of /proc/cpuinfo (first CPU; empty without it)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor().encode()
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-    return "\n".join(keep).encode()
+        return ()
+    return tuple(ln for ln in lines if ln.startswith(("model name", "flags")))[:2]
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    line = next((ln for ln in _cpuinfo() if ln.startswith("flags")), "flags:")
+    return frozenset(line.split(":", 1)[1].split())
+
+
+def _cpu_signature() -> bytes:
+    """The CPU's model and feature flags (part of the cache key: ``-march=native`` builds must
+    not be reused on another CPU through a shared home directory)."""
+    return ("\n".join(_cpuinfo()) or platform.processor()).encode()
+
+
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
 
 
 def build(name: str, flags: Sequence[str]) -> Path:
     """Compiles ``csrc/<name>.c`` into a cached shared library (rebuilt only when the source,
-    the flags, the compiler or the CPU change) and returns its path. Raises ``RuntimeError`` with the
-    compiler's output on failure."""
+    the flags, the compiler or the CPU change) and returns its path. Raises ``RuntimeError``
+    with the compiler's output on failure."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     source = SOURCES / f"{name}.c"
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = _compiler_version(cc)
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # shared includes
     parts = [source.read_bytes(), *headers, " ".join(flags).encode(), cc.encode(), version.encode()]
     parts.append(_cpu_signature())

@@ -96,7 +96,7 @@ class PackedConv2d(nn.Conv2d):
             return super()._conv_forward(x, weight, bias)
         if self._as_gemm(x):
             return self._im2col_forward(x, weight, bias)
-        if x.dtype == torch.float32 and winograd.worth_it(self, x):
+        if winograd.worth_it(self, x):
             u = self._pack.get(weight, ("winograd",), lambda: winograd.transform_weight(weight))
             return winograd.conv3x3(x, u, bias)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)

@@ -59,8 +59,8 @@ def available() -> bool:
 def worth_it(conv: torch.nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether ``conv(x)`` can and should run here: fp32 CPU, 3x3, stride 1, padding 1,
     dilation 1, one group, zero padding, and enough channels for its image size."""
-    if x.dtype != torch.float32 or x.dim() != 4 or torch.jit.is_tracing():
-        return False  # (a tracer cannot see into the C transforms)
+    if x.dtype != torch.float32 or x.dim() != 4 or native.tracing():
+        return False
     c, k = conv.in_channels, conv.out_channels
     h = c * k / (c + k)
     small = x.shape[-1] * x.shape[-2] <= SMALL_POSITIONS

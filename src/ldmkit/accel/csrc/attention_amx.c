@@ -203,7 +203,7 @@ static void pack_head(const ldm_attn_args *a, int64_t t) {
 // Runs tasks [t0, t1) (index (b * H + h) * ceil(L / QB) + query block) on this thread. 0, or
 // -1 when out of memory. The thread's AMX tile configuration and MXCSR are restored.
 static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
-  const int64_t Dq = round_up(a->D, 32), Dv = round_up(a->D, 16), nq = (a->L + QB - 1) / QB;
+  const int64_t Dq = round_up(a->D, 32), Dv = round_up(a->D, 16);
   const int64_t kps = ldm_kp_size(a->S, a->D), vps = ldm_vp_size(a->S, a->D);
   block_buffers w;
   char *mem = aligned_alloc(64, 2 * QB * Dq + 4 * QB * KB + 2 * QB * KB + 4 * QB * Dv);
@@ -226,10 +226,9 @@ static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
   const uint16_t *q = a->q, *kp = a->kp, *vp = a->vp;
   uint16_t *out = a->out;
   for (int64_t t = t0; t < t1; t++) {
-    const int64_t bh = t / nq, qi = t % nq, b = bh / a->H, h = bh % a->H;
-    const int64_t l0 = qi * QB, rows = a->L - l0 < QB ? a->L - l0 : QB;
-    attend_block(a, &w, q + b * a->qsb + h * a->qsh + l0 * a->qsl, kp + bh * kps, vp + bh * vps,
-                 rows, out + b * a->osb + h * a->osh + l0 * a->osl);
+    const flash_task task = flash_task_at(a, t, QB);
+    attend_block(a, &w, q + task.q, kp + task.head * kps, vp + task.head * vps, task.rows,
+                 out + task.out);
   }
   _mm_setcsr(csr);
   if (saved.palette_id)

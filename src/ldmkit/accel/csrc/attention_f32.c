@@ -126,7 +126,7 @@ static void attend_block(const ldm_attn_args *a, const block_buffers *w, const f
 // Tasks [t0, t1) (index (b * H + h) * ceil(L / QB) + query block) on this thread; 0, or -1
 // when out of memory.
 static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
-  const int64_t D = a->D, Dv = round_up(D, 16), nq = (a->L + QB - 1) / QB;
+  const int64_t D = a->D, Dv = round_up(D, 16);
   const int64_t kts = ldm_kt_size(a->S, D), vps = ldm_vp_size(a->S, D);
   const size_t qsize = (size_t)round_up(QB * D, 16) * 4;
   char *mem = aligned_alloc(64, qsize + 8 * QB * KB + 4 * QB * Dv);
@@ -138,10 +138,9 @@ static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
   const float *q = a->q, *kt = a->kp, *vp = a->vp;
   float *out = a->out;
   for (int64_t t = t0; t < t1; t++) {
-    const int64_t bh = t / nq, qi = t % nq, b = bh / a->H, h = bh % a->H;
-    const int64_t l0 = qi * QB, rows = a->L - l0 < QB ? a->L - l0 : QB;
-    attend_block(a, &w, q + b * a->qsb + h * a->qsh + l0 * a->qsl, kt + bh * kts, vp + bh * vps,
-                 rows, out + b * a->osb + h * a->osh + l0 * a->osl);
+    const flash_task task = flash_task_at(a, t, QB);
+    attend_block(a, &w, q + task.q, kt + task.head * kts, vp + task.head * vps, task.rows,
+                 out + task.out);
   }
   _mm_setcsr(csr);
   free(mem);

@@ -19,6 +19,20 @@ typedef struct {
   void *kp, *vp;  // workspace for the packed k and v of every (batch, head)
 } ldm_attn_args;
 
+// Task t (index (b * H + h) * ceil(L / qb) + query block): its head (b * H + h), the element
+// offsets of its first query row in q and out, and its number of query rows.
+typedef struct {
+  int64_t head, q, out, rows;
+} flash_task;
+
+static inline flash_task flash_task_at(const ldm_attn_args *a, int64_t t, int64_t qb) {
+  const int64_t nq = (a->L + qb - 1) / qb, bh = t / nq, l0 = (t % nq) * qb;
+  const int64_t b = bh / a->H, h = bh % a->H;
+  const flash_task task = {bh, b * a->qsb + h * a->qsh + l0 * a->qsl,
+                           b * a->osb + h * a->osh + l0 * a->osl, a->L - l0 < qb ? a->L - l0 : qb};
+  return task;
+}
+
 // Packs every head's k and v (pack(a, head)), then runs the query blocks (run(a, t0, t1) for
 // tasks [t0, t1), index (b * H + h) * ceil(L / qb) + block) on `threads` OpenMP threads. The
 // kernels link against the libgomp PyTorch has loaded (same soname), so these are PyTorch's own
