@@ -14,25 +14,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx_common.h"
 #include "flash_common.h"
 
 #define QB 32   // query rows per task (two 16-row tiles)
 #define KB 256  // keys per softmax block
-
-typedef struct {
-  uint8_t palette_id, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-} tile_config;
-
-static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-// Linux gives a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM
-// for XFEATURE_XTILEDATA). 0 on success.
-int ldm_amx_request(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
 
 int64_t ldm_kp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 32); }
 int64_t ldm_vp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 16); }
@@ -212,15 +199,8 @@ static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
   w.s = (float *)(mem + 2 * QB * Dq);
   w.p = (uint16_t *)((char *)w.s + 4 * QB * KB);
   w.o = (float *)((char *)w.p + 2 * QB * KB);
-  _Alignas(64) tile_config saved, cfg;
-  _tile_storeconfig(&saved);  // other kernels on this thread (oneDNN, inductor) cache theirs
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; i++) {
-    cfg.colsb[i] = 64;
-    cfg.rows[i] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  _Alignas(64) tile_config saved;
+  amx_begin(&saved);
   const unsigned csr = _mm_getcsr();
   _mm_setcsr(csr | 0x8040);  // flush denormals: exp2 of very negative scores
   const uint16_t *q = a->q, *kp = a->kp, *vp = a->vp;
@@ -231,10 +211,7 @@ static int run_tasks(const ldm_attn_args *a, int64_t t0, int64_t t1) {
                  out + task.out);
   }
   _mm_setcsr(csr);
-  if (saved.palette_id)
-    _tile_loadconfig(&saved);
-  else
-    _tile_release();
+  amx_end(&saved);
   free(mem);
   return 0;
 }

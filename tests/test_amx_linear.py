@@ -1,0 +1,170 @@
+"""ldmkit.accel.amx_linear: the bf16 AMX GEMM with the GEGLU epilogue fused.
+
+The kernel's inputs are bf16 and it accumulates and finishes in fp32, rounding once: against
+an fp64 reference computed from the same bf16 inputs its error is the final rounding (half an
+ulp) plus fp32 accumulation and gelu approximation error, far below that. The shapes have
+ragged rows, columns and depths (the padded paths), strided rows and a missing bias.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldmkit.accel import amx_linear
+from ldmkit.accel.fastpaths import prepare_for_inference
+from ldmkit.nn.attention import GEGLU, BasicTransformerBlock
+
+pytestmark = pytest.mark.skipif(
+    not amx_linear.available(),
+    reason="needs an x86-64 CPU with AMX-BF16 (Sapphire Rapids or later) and a C compiler",
+)
+
+
+def _data(m, k, n, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    return x, w, b
+
+
+def _exact_geglu(x, w, b):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    a, gate = y.chunk(2, -1)
+    return a * F.gelu(gate)
+
+
+def _check_rounded_once(out: torch.Tensor, exact: torch.Tensor) -> None:
+    """Within bf16's rounding of the exact value (half an ulp of its binade: 8 significant
+    bits), plus a little for fp32 accumulation and the erf approximation."""
+    err = (out.double() - exact).abs()
+    half_ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 8)
+    bound = half_ulp + 1e-5 * (1 + exact.abs().max())
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+SHAPES = [(1, 320, 2560), (31, 40, 48), (33, 70, 34), (100, 320, 640), (257, 640, 96)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_geglu_is_the_exact_value_rounded_once(m, k, n, bias):
+    x, w, b = _data(m, k, n, bias=bias)
+    packed = amx_linear.pack(w, amx_linear.GEGLU_EPILOGUE)
+    out = amx_linear.geglu(x, packed, n, b)
+    assert out.shape == (m, n // 2) and out.dtype == torch.bfloat16
+    exact = _exact_geglu(x, w, b)
+    _check_rounded_once(out, exact)
+    # and closer than PyTorch's three bf16 steps (a product, a gelu, a multiply: each rounded)
+    a, gate = F.linear(x, w, b).chunk(2, -1)
+    theirs = (a * F.gelu(gate)).double() - exact
+    assert (out.double() - exact).norm() < theirs.norm()
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_plain_gemm_is_the_exact_value_rounded_once(m, k, n):
+    x, w, b = _data(m, k, n, seed=1)
+    out = amx_linear.linear(x, amx_linear.pack(w), n, b)
+    _check_rounded_once(out, F.linear(x.double(), w.double(), b.double()))
+
+
+def test_strided_rows_and_batched_inputs():
+    """Rows of a wider tensor (a row stride above K) and a [B, L, K] input."""
+    x, w, b = _data(64, 96, 64, seed=2)
+    wide = torch.cat([x, torch.full_like(x, float("nan"))], dim=1)[:, :96]  # stride 192
+    packed = amx_linear.pack(w, amx_linear.GEGLU_EPILOGUE)
+    assert torch.equal(amx_linear.geglu(wide, packed, 64, b), amx_linear.geglu(x, packed, 64, b))
+    batched = amx_linear.geglu(x.view(2, 32, 96), packed, 64, b)
+    assert batched.shape == (2, 32, 32)
+    assert torch.equal(batched.view(64, 32), amx_linear.geglu(x, packed, 64, b))
+
+
+def test_same_output_whatever_the_thread_count():
+    """Each output block is one thread's whole sum over K: no thread-dependent order."""
+    x, w, b = _data(200, 320, 640, seed=3)
+    packed = amx_linear.pack(w, amx_linear.GEGLU_EPILOGUE)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(amx_linear.geglu(x, packed, 640, b))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_onednn_amx_matmuls_are_still_right_after_the_kernel():
+    """The kernel loads its own tile configuration on PyTorch's threads and restores the
+    previous one: oneDNN's bf16 matmuls before and after it must agree."""
+    g = torch.Generator().manual_seed(4)
+    a, w = torch.randn(256, 512, generator=g).bfloat16(), torch.randn(512, 384, generator=g)
+    w = w.bfloat16()
+    before = a @ w
+    x, wt, b = _data(96, 320, 128)
+    amx_linear.geglu(x, amx_linear.pack(wt, amx_linear.GEGLU_EPILOGUE), 128, b)
+    assert torch.equal(a @ w, before)
+
+
+def test_bad_inputs_are_refused():
+    x, w, b = _data(8, 32, 34)
+    with pytest.raises(ValueError, match="even"):
+        amx_linear.pack(w[:33], amx_linear.GEGLU_EPILOGUE)
+    packed = amx_linear.pack(w, amx_linear.GEGLU_EPILOGUE)
+    with pytest.raises(ValueError, match="does not match"):
+        amx_linear.geglu(torch.randn(8, 96).bfloat16(), packed, 34, b)
+
+
+def test_supports_only_bf16_inference():
+    x, w, b = _data(4, 32, 32)
+    assert amx_linear.supports(x, w, b)
+    assert not amx_linear.supports(x.float(), w.float(), b.float())
+    with torch.enable_grad():
+        assert not amx_linear.supports(x, w.requires_grad_(), b)
+    with torch.no_grad():
+        assert amx_linear.supports(x, w, b)
+
+
+def test_fused_geglu_keeps_state_and_function_and_unfuse_restores():
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(64, 2, 32, context_dim=48).bfloat16()
+    plain = copy.deepcopy(block)
+    amx_linear.fuse(block)
+    geglu = block.ff.net[0]
+    assert type(geglu) is amx_linear.FusedGEGLU
+    assert block.state_dict().keys() == plain.state_dict().keys()
+    x, ctx = torch.randn(2, 40, 64).bfloat16(), torch.randn(2, 7, 48).bfloat16()
+    with torch.inference_mode():
+        exact = _exact_geglu(x.view(-1, 64), geglu.proj.weight, geglu.proj.bias)
+        _check_rounded_once(geglu(x).reshape(exact.shape), exact)
+        assert torch.allclose(block(x, ctx).float(), plain(x, ctx).float(), atol=0.05, rtol=0.02)
+    # training runs PyTorch's ops and gets gradients
+    block.float().requires_grad_(True)
+    geglu(x.float()).sum().backward()
+    assert geglu.proj.weight.grad is not None
+    amx_linear.unfuse(block)
+    assert type(block.ff.net[0]) is GEGLU and not hasattr(block.ff.net[0], "_pack")
+
+
+def test_new_weights_are_repacked():
+    torch.manual_seed(1)
+    geglu = amx_linear.fuse(GEGLU(32, 16).bfloat16().requires_grad_(False))
+    x = torch.randn(5, 32).bfloat16()
+    before = geglu(x)
+    geglu.load_state_dict({k: v * 2 for k, v in geglu.state_dict().items()})
+    after = geglu(x)
+    exact = _exact_geglu(x, geglu.proj.weight, geglu.proj.bias)
+    _check_rounded_once(after, exact)
+    assert not torch.equal(before, after)
+
+
+def test_prepare_for_inference_fuses_geglu_in_bf16_only():
+    block = BasicTransformerBlock(32, 2, 16)
+    prepare_for_inference(copy.deepcopy(block), torch.float32)
+    assert type(block.ff.net[0]) is GEGLU
+    fast = prepare_for_inference(block, torch.bfloat16)
+    assert type(fast.ff.net[0]) is amx_linear.FusedGEGLU
