@@ -6,7 +6,10 @@
 - fp32 3x3 convolutions by Winograd F(2x2, 3x3) (``ldmkit.accel.winograd``) against the
   pre-packed oneDNN convolution that ``PackedConv2d`` otherwise runs, at the UNet's levels;
 - bf16 channels-last GroupNorm + SiLU (``ldmkit.accel.group_norm``) against ``F.group_norm``
-  then ``F.silu`` on the same tensor.
+  then ``F.silu`` on the same tensor;
+- the bf16 GEGLU feed-forward projection with the gating fused (``ldmkit.accel.amx_linear``)
+  against what ``GEGLU`` runs otherwise: the pre-packed oneDNN linear layer, ``chunk``, gelu
+  and the product, at the UNet's four levels (batch 2).
 
 Contenders alternate (A, B, A, B, ...) after a warm-up; the table has the min of each and
 the max abs error of each against an fp64 reference. Writes benchmarks/results/kernels.json
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldmkit.accel import cpu_attention, group_norm, winograd
+from ldmkit.accel import amx_linear, cpu_attention, group_norm, winograd
 
 RESULTS = Path(__file__).parent / "results"
 ATTENTION = [  # (label, batch, heads, queries, keys, head dim)
@@ -36,6 +39,8 @@ ATTENTION = [  # (label, batch, heads, queries, keys, head dim)
     ("cross-attention, 512 px", 2, 8, 4096, 77, 40),
     ("cross-attention, 256 px", 2, 8, 1024, 77, 40),
 ]
+GEGLUS = [(8192, 320, 1280), (2048, 640, 2560), (512, 1280, 5120), (128, 1280, 5120)]  # fmt: skip
+# (rows = batch 2 x tokens at 512 px, channels in, GEGLU inner width)  # rows, in, inner
 NORMS = [(2, 128, 16, 16), (2, 320, 32, 32), (2, 640, 16, 16), (2, 320, 64, 64)]
 CONVS = [  # (batch, in channels, out channels, size)
     (2, 320, 320, 32), (2, 640, 640, 16), (2, 1280, 1280, 8), (2, 2560, 1280, 8),
@@ -135,6 +140,37 @@ def group_norm_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def geglu_rows(repeats: int) -> list[dict]:
+    rows = []
+    if not amx_linear.available():
+        return rows
+    g = torch.Generator().manual_seed(0)
+    ops = torch.ops.mkldnn
+    for m, k, inner in GEGLUS:
+        x = torch.randn(m, k, generator=g).bfloat16()
+        w = (torch.randn(2 * inner, k, generator=g) / k**0.5).bfloat16()
+        b = torch.randn(2 * inner, generator=g).bfloat16()
+        y = F.linear(x.double(), w.double(), b.double())
+        exact = y[:, :inner] * F.gelu(y[:, inner:])
+        packed_onednn = ops._reorder_linear_weight(w, m)
+        packed = amx_linear.pack(w, amx_linear.GEGLU_EPILOGUE)
+
+        def three_steps(x=x, p=packed_onednn, b=b):
+            a, gate = ops._linear_pointwise(x, p, b, "none", [], "").chunk(2, -1)
+            return a * F.gelu(gate)
+
+        fns = {
+            "oneDNN linear + gelu + mul": three_steps,
+            "ldmkit": partial(amx_linear.geglu, x, packed, 2 * inner, b),
+        }
+        with torch.inference_mode():
+            best = interleaved(fns, repeats)
+            err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+        label = f"GEGLU {k}->2x{inner}, {m} tokens"
+        rows.append(_row("geglu", label, torch.bfloat16, best, err, 2 * m * k * 2 * inner / 1e9))
+    return rows
+
+
 def _row(kind: str, label: str, dtype, best: dict, err: dict, gflop: float) -> dict:
     base, ours = list(best)
     return {
@@ -157,7 +193,7 @@ def markdown(res: dict) -> str:
         f"{res['threads']} threads. Command: `{res['command']}`.",
         "",
         "| kernel | dtype | baseline | baseline ms | ldmkit ms | speed-up | ldmkit GFLOP/s (conv: "
-        "direct-convolution FLOPs) "
+        "direct-convolution FLOPs; GEGLU: the projection's) "
         "| max abs err vs fp64 (baseline / ldmkit) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -186,7 +222,8 @@ def main() -> None:
         "command": f"python benchmarks/kernels.py --repeats {args.repeats} --threads {args.threads}",
         "rows": attention_rows(args.repeats)
         + conv_rows(args.repeats)
-        + group_norm_rows(args.repeats),
+        + group_norm_rows(args.repeats)
+        + geglu_rows(args.repeats),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
