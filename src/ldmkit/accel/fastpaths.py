@@ -9,11 +9,12 @@
   layout). Convolutions take the layout from their weights, so inputs need no change.
 - with its convolution and linear weights pre-packed for oneDNN/MKL once instead of at every
   call (``ldmkit.accel.prepack``; the same products, rounded in an order that may differ).
+  In bf16 (AMX CPUs), GEGLU feed-forward projections run as one pass of ldmkit's AMX GEMM
+  with the gating fused, and 3x3 convolutions as its implicit GEMM (``ldmkit.accel.amx_gemm``).
   In fp32, wide 3x3 convolutions run as Winograd F(2x2, 3x3) (``ldmkit.accel.winograd``:
   2.25x fewer multiplies, as accurate as the direct kernel).
 - for bf16, with its GroupNorms (and the SiLU after each, where a ``nn.Sequential`` has one)
-  run by ldmkit's channels-last kernel (``ldmkit.accel.group_norm``), and its GEGLU feed-
-  forward projections by ldmkit's AMX GEMM with the gating fused (``ldmkit.accel.amx_linear``).
+  run by ldmkit's channels-last kernel (``ldmkit.accel.group_norm``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldmkit.accel import amx_linear, group_norm
+from ldmkit.accel import group_norm
 from ldmkit.accel.prepack import prepack
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -39,7 +40,6 @@ def prepare_for_inference(
             module.to(memory_format=torch.channels_last)
         if dtype == torch.bfloat16:
             group_norm.fuse(module)
-            amx_linear.fuse(module)
         if pack:
             prepack(module)
     return module

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldmkit.accel import winograd
+from ldmkit.accel import amx_gemm, winograd
+from ldmkit.nn.attention import GEGLU
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -90,12 +91,19 @@ class PackedConv2d(nn.Conv2d):
     # 6.2 ms at 4x4, 8.7 against 9.7 ms at 8x8, but 13.4 against 7.0 ms at 16x16 (640
     # channels); the whole UNet step at 256 px: 1.04-1.10x from 16 to 64. 0 turns this off.
     im2col_max_positions = 64
+    # bf16 3x3 convolutions on ldmkit's AMX implicit GEMM (``amx_gemm.conv3x3``) where it
+    # applies. Off by default: on this project's host it has not measured faster than oneDNN's
+    # convolution (0.93-1.08x on the SD 1.5 UNet's shapes while the AMX unit was shared).
+    amx = False
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         if self.padding_mode != "zeros" or isinstance(self.padding, str) or not _usable(x, weight):
             return super()._conv_forward(x, weight, bias)
         if self._as_gemm(x):
             return self._im2col_forward(x, weight, bias)
+        if self.amx and amx_gemm.conv_applies(self, x):
+            u = self._pack.get(weight, ("amx3x3",), lambda: amx_gemm.pack_conv3x3(weight))
+            return amx_gemm.conv3x3(x, u, self.out_channels, bias)
         if winograd.worth_it(self, x):
             u = self._pack.get(weight, ("winograd",), lambda: winograd.transform_weight(weight))
             return winograd.conv3x3(x, u, bias)
@@ -167,7 +175,20 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-_SWAPS = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
+class PackedGEGLU(GEGLU):
+    """``GEGLU`` whose bf16 CPU inference is one pass of ldmkit's AMX GEMM with the gating
+    fused (``amx_gemm.geglu``: the [tokens, 2 x inner] product is never written); elsewhere
+    the plain ``GEGLU`` (its ``proj`` is then a ``PackedLinear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.proj.weight, self.proj.bias
+        if not amx_gemm.supports(x, w, b):
+            return super().forward(x)
+        packed = self._pack.get(w, ("amx_geglu",), lambda: amx_gemm.pack(w, amx_gemm.GEGLU))
+        return amx_gemm.geglu(x, packed, w.shape[0], b)
+
+
+_SWAPS = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear, GEGLU: PackedGEGLU}
 _UNSWAPS = {v: k for k, v in _SWAPS.items()}
 
 

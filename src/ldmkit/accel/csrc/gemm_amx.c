@@ -85,6 +85,9 @@ typedef struct {
   uint16_t *c;
   int64_t M, N, K, lda, ldc;
   int epilogue;
+  // 3x3 convolutions (H > 0): a is the zero-padded NHWC input [B, H + 2, W + 2, C], rows of
+  // C are output pixels, and K runs over the nine taps, C channels each (C % 32 == 0).
+  int64_t H, W, C;
 } gemm_args;
 
 // acc [32][32] fp32 products -> rows r0 .. r0 + rows of C for column block j.
@@ -115,22 +118,27 @@ static void finish(const gemm_args *g, const float *acc, int64_t r0, int64_t row
   }
 }
 
-// Accumulator tiles 0-3 = 32 rows of A (row stride sa, K in kc chunks of 32) times the
-// 32-column block wj; left in the tiles (store_block writes them out).
-static inline void block32(const uint16_t *a, int64_t sa, const uint16_t *wj, int64_t kc) {
+// Accumulator tiles 0-3 = A (two 16-row tiles at a0 and a1, row stride sa) times the
+// 32-column block wj, over `taps` shifts of A (element offsets tap[t]) of cc chunks of 32
+// columns each (a GEMM: one tap, K / 32 chunks); left in the tiles (store_block writes them).
+static inline void block32(const uint16_t *a0, const uint16_t *a1, int64_t sa, const int64_t *tap,
+                           int64_t taps, int64_t cc, const uint16_t *wj) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t c = 0; c < kc; c++) {
-    _tile_loadd(4, a + c * 32, sa * 2);
-    _tile_loadd(5, a + 16 * sa + c * 32, sa * 2);
-    _tile_loadd(6, wj + c * 1024, 64);
-    _tile_loadd(7, wj + c * 1024 + 512, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+  for (int64_t t = 0; t < taps; t++) {
+    const uint16_t *p0 = a0 + tap[t], *p1 = a1 + tap[t], *w = wj + t * cc * 1024;
+    for (int64_t c = 0; c < cc; c++) {
+      _tile_loadd(4, p0 + c * 32, sa * 2);
+      _tile_loadd(5, p1 + c * 32, sa * 2);
+      _tile_loadd(6, w + c * 1024, 64);
+      _tile_loadd(7, w + c * 1024 + 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
   }
 }
 
@@ -167,15 +175,28 @@ static void run_block(const gemm_args *g, int64_t m0, int64_t m1, int64_t j0, in
                       uint16_t *pad, float *acc) {
   const int64_t kc = round_up(g->K, 32) / 32;
   const int64_t group = (1 << 20) / (kc * 2048) > 1 ? (1 << 20) / (kc * 2048) : 1;
+  const int64_t Wp = g->W + 2, taps = g->H ? 9 : 1, cc = kc / taps;
+  int64_t tap[9] = {0};
+  for (int64_t t = 0; g->H && t < 9; t++) tap[t] = ((t / 3) * Wp + t % 3) * g->C;
   int64_t prev_r = -1, prev_rows = 0, prev_j = 0, cur = 0;
   for (int64_t jg = j0; jg < j1; jg += group) {
     const int64_t je = min64(j1, jg + group);
     for (int64_t r = m0; r < m1; r += 32) {
       const int64_t rows = min64(32, m1 - r);
+      const uint16_t *a0, *a1;
       int64_t sa;
-      const uint16_t *a = row_block(g, r, rows, pad, &sa);
+      if (g->H) {  // the padded-input window of output pixels r and r + 16 (whole 16-pixel runs)
+        const int64_t y0 = r / g->W, y1 = (r + 16) / g->W;  // image rows, all images stacked
+        const int64_t b0 = y0 / g->H, b1 = y1 / g->H;
+        a0 = g->a + ((y0 + 2 * b0) * Wp + r % g->W) * g->C;
+        a1 = g->a + ((y1 + 2 * b1) * Wp + (r + 16) % g->W) * g->C;
+        sa = g->C;
+      } else {
+        a0 = row_block(g, r, rows, pad, &sa);
+        a1 = a0 + 16 * sa;
+      }
       for (int64_t j = jg; j < je; j++) {
-        block32(a, sa, g->wp + j * kc * 1024, kc);
+        block32(a0, a1, sa, tap, taps, cc, g->wp + j * kc * 1024);
         if (prev_r >= 0) finish(g, acc + (cur ^ 1) * 1024, prev_r, prev_rows, prev_j);
         store_block(acc + cur * 1024);
         prev_r = r, prev_rows = rows, prev_j = j, cur ^= 1;
@@ -185,13 +206,11 @@ static void run_block(const gemm_args *g, int64_t m0, int64_t m1, int64_t j0, in
   if (prev_r >= 0) finish(g, acc + (cur ^ 1) * 1024, prev_r, prev_rows, prev_j);
 }
 
-// The whole product on `threads` OpenMP threads (PyTorch's own pool: same libgomp). Threads
-// split the column blocks when there are enough for an even share (each then reads only its
-// part of the weights), else the rows. 0, or -1 when a thread ran out of memory.
-int ldm_gemm(const uint16_t *a, int64_t M, int64_t K, int64_t lda, const uint16_t *wp, int64_t N,
-             const float *bias, int epilogue, uint16_t *c, int64_t ldc, int threads) {
-  const gemm_args g = {a, wp, bias, c, M, N, K, lda, ldc, epilogue};
-  const int64_t Kp = round_up(K, 32), nb = round_up(N, 32) / 32, mb = (M + 31) / 32;
+// Runs g on `threads` OpenMP threads (PyTorch's own pool: same libgomp). Threads split the
+// column blocks when there are enough for an even share (each then reads only its part of the
+// weights), else the rows. 0, or -1 when a thread ran out of memory.
+static int run(const gemm_args *g, int threads) {
+  const int64_t Kp = round_up(g->K, 32), nb = round_up(g->N, 32) / 32, mb = (g->M + 31) / 32;
   const int by_columns = nb % threads == 0 || nb >= 4 * threads || mb < threads;
   int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -205,13 +224,31 @@ int ldm_gemm(const uint16_t *a, int64_t M, int64_t K, int64_t lda, const uint16_
       _Alignas(64) tile_config saved;
       amx_begin(&saved);
       if (by_columns)
-        run_block(&g, 0, M, nb * i / n, nb * (i + 1) / n, pad, acc);
+        run_block(g, 0, g->M, nb * i / n, nb * (i + 1) / n, pad, acc);
       else
-        run_block(&g, min64(M, mb * i / n * 32), min64(M, mb * (i + 1) / n * 32), 0, nb, pad, acc);
+        run_block(g, min64(g->M, mb * i / n * 32), min64(g->M, mb * (i + 1) / n * 32), 0, nb, pad,
+                  acc);
       amx_end(&saved);
     }
     free(pad);
     free(acc);
   }
   return failed ? -1 : 0;
+}
+
+// C [M, N or N / 2] = epilogue(A [M, K] W^T + bias), W packed by ldm_gemm_pack.
+int ldm_gemm(const uint16_t *a, int64_t M, int64_t K, int64_t lda, const uint16_t *wp, int64_t N,
+             const float *bias, int epilogue, uint16_t *c, int64_t ldc, int threads) {
+  const gemm_args g = {a, wp, bias, c, M, N, K, lda, ldc, epilogue, 0, 0, 0};
+  return run(&g, threads);
+}
+
+// 3x3 convolution, stride 1, padding 1: x the zero-padded NHWC input [B, H + 2, W + 2, C]
+// (C % 32 == 0, W % 16 == 0), W packed by ldm_gemm_pack from the weight as [N, 3, 3, C]
+// (tap-major), y the NHWC output [B, H, W, N] (+ bias). 0, or -1 when out of memory.
+int ldm_conv3x3(const uint16_t *x, int64_t B, int64_t H, int64_t W, int64_t C, const uint16_t *wp,
+                int64_t N, const float *bias, uint16_t *y, int threads) {
+  if (C % 32 || W % 16 || H <= 0) return -2;
+  const gemm_args g = {x, wp, bias, y, B * H * W, N, 9 * C, C, N, LDM_GEMM_PLAIN, H, W, C};
+  return run(&g, threads);
 }
