@@ -39,7 +39,7 @@ RUNTIMES := openvino==2026.4.1 onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.
 bench: $(STAMP)
 	$(BIN)/pip install -q $(RUNTIMES)
 	$(BIN)/python benchmarks/speed.py --runtimes --compile --repeats 3 --t2i-repeats 2
-	$(BIN)/python benchmarks/kernels.py
+	$(BIN)/python benchmarks/cpu_kernels.py
 	$(BIN)/python benchmarks/sd_full_unet.py
 
 # Only the runtimes against eager ldmkit, with contention-aware repetitions (~5 minutes).

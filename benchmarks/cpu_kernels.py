@@ -7,15 +7,19 @@
   pre-packed oneDNN convolution that ``PackedConv2d`` otherwise runs, at the UNet's levels;
 - bf16 channels-last GroupNorm + SiLU (``ldmkit.accel.group_norm``) against ``F.group_norm``
   then ``F.silu`` on the same tensor;
-- the bf16 GEGLU feed-forward projection with the gating fused (``ldmkit.accel.amx_linear``)
+- the bf16 GEGLU feed-forward projection with the gating fused (``ldmkit.accel.amx_gemm``)
   against what ``GEGLU`` runs otherwise: the pre-packed oneDNN linear layer, ``chunk``, gelu
-  and the product, at the UNet's four levels (batch 2).
+  and the product, at the UNet's four levels (batch 2);
+- bf16 3x3 convolutions as ldmkit's AMX implicit GEMM (``amx_gemm.conv3x3``, opt-in through
+  ``PackedConv2d.amx``) against the pre-packed oneDNN convolution, channels-last, at the UNet's
+  levels.
 
 Contenders alternate (A, B, A, B, ...) after a warm-up; the table has the min of each and
-the max abs error of each against an fp64 reference. Writes benchmarks/results/kernels.json
-and kernels.md.
+the max abs error of each against an fp64 reference. Writes benchmarks/results/cpu_kernels.json
+and cpu_kernels.md. (Not named kernels.py: diffusers probes for the Hugging Face ``kernels``
+package, and a script directory on ``sys.path`` would shadow it.)
 
-    python benchmarks/kernels.py --repeats 7
+    python benchmarks/cpu_kernels.py --repeats 7
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldmkit.accel import amx_linear, cpu_attention, group_norm, winograd
+from ldmkit.accel import amx_gemm, cpu_attention, group_norm, winograd
 
 RESULTS = Path(__file__).parent / "results"
 ATTENTION = [  # (label, batch, heads, queries, keys, head dim)
@@ -114,6 +118,38 @@ def conv_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def amx_conv_rows(repeats: int) -> list[dict]:
+    rows = []
+    if not amx_gemm.available():
+        return rows
+    g = torch.Generator().manual_seed(0)
+    ops = torch.ops.mkldnn
+    for b, c, k, size in CONVS:
+        if size < 16:  # the 8x8 level runs as im2col + GEMM in bf16 (PackedConv2d)
+            continue
+        x = torch.randn(b, c, size, size, generator=g).bfloat16()
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)).bfloat16()
+        bias = torch.randn(k, generator=g).bfloat16()
+        exact = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
+        args = ([1, 1], [1, 1], [1, 1], 1)
+        wcl = w.contiguous(memory_format=torch.channels_last)
+        packed = ops._reorder_convolution_weight(wcl, *args, list(x.shape))
+        u = amx_gemm.pack_conv3x3(w)
+        conv = ops._convolution_pointwise
+        fns = {
+            "oneDNN (pre-packed)": partial(conv, x, packed, bias, *args, "none", [], ""),
+            "ldmkit AMX implicit GEMM": partial(amx_gemm.conv3x3, x, u, k, bias),
+        }
+        with torch.inference_mode():
+            best = interleaved(fns, repeats)
+            err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+        gflop = 2 * b * k * c * 9 * size * size / 1e9
+        label = f"3x3 conv {c}->{k} at {size}x{size}, batch {b}"
+        rows.append(_row("amx_conv", label, torch.bfloat16, best, err, gflop))
+    return rows
+
+
 def group_norm_rows(repeats: int) -> list[dict]:
     rows = []
     if not group_norm.available():
@@ -142,7 +178,7 @@ def group_norm_rows(repeats: int) -> list[dict]:
 
 def geglu_rows(repeats: int) -> list[dict]:
     rows = []
-    if not amx_linear.available():
+    if not amx_gemm.available():
         return rows
     g = torch.Generator().manual_seed(0)
     ops = torch.ops.mkldnn
@@ -153,7 +189,7 @@ def geglu_rows(repeats: int) -> list[dict]:
         y = F.linear(x.double(), w.double(), b.double())
         exact = y[:, :inner] * F.gelu(y[:, inner:])
         packed_onednn = ops._reorder_linear_weight(w, m)
-        packed = amx_linear.pack(w, amx_linear.GEGLU_EPILOGUE)
+        packed = amx_gemm.pack(w, amx_gemm.GEGLU)
 
         def three_steps(x=x, p=packed_onednn, b=b):
             a, gate = ops._linear_pointwise(x, p, b, "none", [], "").chunk(2, -1)
@@ -161,7 +197,7 @@ def geglu_rows(repeats: int) -> list[dict]:
 
         fns = {
             "oneDNN linear + gelu + mul": three_steps,
-            "ldmkit": partial(amx_linear.geglu, x, packed, 2 * inner, b),
+            "ldmkit": partial(amx_gemm.geglu, x, packed, 2 * inner, b),
         }
         with torch.inference_mode():
             best = interleaved(fns, repeats)
@@ -219,15 +255,16 @@ def main() -> None:
         "machine": platform.machine(),
         "torch": torch.__version__,
         "threads": args.threads,
-        "command": f"python benchmarks/kernels.py --repeats {args.repeats} --threads {args.threads}",
+        "command": f"python benchmarks/cpu_kernels.py --repeats {args.repeats} --threads {args.threads}",
         "rows": attention_rows(args.repeats)
         + conv_rows(args.repeats)
         + group_norm_rows(args.repeats)
-        + geglu_rows(args.repeats),
+        + geglu_rows(args.repeats)
+        + amx_conv_rows(args.repeats),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(res, indent=2))
-    (args.out / "kernels.md").write_text(markdown(res))
+    (args.out / "cpu_kernels.json").write_text(json.dumps(res, indent=2))
+    (args.out / "cpu_kernels.md").write_text(markdown(res))
     print(markdown(res))
 
 
