@@ -54,21 +54,16 @@ def _library() -> ctypes.CDLL | None:
     lib.ldm_gemm_pack.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ptr]
     lib.ldm_gemm_pack.restype = None
     lib.ldm_gemm.argtypes = [
-        ptr,
-        i64,
-        i64,
-        i64,
-        ptr,
-        i64,
-        ptr,
-        ctypes.c_int,
-        ptr,
-        i64,
-        ctypes.c_int,
-    ]
+        ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_int, ptr, i64, ctypes.c_int,
+    ]  # fmt: skip
     lib.ldm_gemm.restype = ctypes.c_int
     lib.ldm_conv3x3.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.ldm_conv3x3.restype = ctypes.c_int
+    return lib
+
+
+def _require() -> ctypes.CDLL:
+    lib = _require()
     return lib
 
 
@@ -95,9 +90,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 def pack(weight: torch.Tensor, epilogue: int = PLAIN) -> torch.Tensor:
     """``weight`` [N, K] (bf16) in the kernel's tile layout for ``epilogue``: a flat bf16
     tensor. For GEGLU, N is even: value rows first, then gate rows, as ``GEGLU.proj`` has."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the AMX GEMM kernel is not available on this machine")
+    lib = _require()
     if weight.dim() != 2:
         raise ValueError(f"pack takes a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -114,9 +107,7 @@ def pack(weight: torch.Tensor, epilogue: int = PLAIN) -> torch.Tensor:
 def _run(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None, epilogue: int
 ) -> torch.Tensor:
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the AMX GEMM kernel is not available on this machine")
+    lib = _require()
     k = x.shape[-1]
     if packed.numel() != lib.ldm_gemm_pack_size(n, k):
         raise ValueError(f"packed weight does not match a [{n}, {k}] weight")
@@ -182,9 +173,7 @@ def conv3x3(
     """``F.conv2d(x, weight, bias, padding=1)`` for ``packed = pack_conv3x3(weight)`` as an
     implicit GEMM on AMX tiles (each tile row an output pixel, K the nine taps of the zero-
     padded NHWC input). Returns a channels-last tensor."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the AMX GEMM kernel is not available on this machine")
+    lib = _require()
     b, c, h, w = x.shape
     if packed.numel() != lib.ldm_gemm_pack_size(out_channels, 9 * c):
         raise ValueError(f"packed weight does not match a [{out_channels}, {c}, 3, 3] weight")

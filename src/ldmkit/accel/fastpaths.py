@@ -10,7 +10,7 @@
 - with its convolution and linear weights pre-packed for oneDNN/MKL once instead of at every
   call (``ldmkit.accel.prepack``; the same products, rounded in an order that may differ).
   In bf16 (AMX CPUs), GEGLU feed-forward projections run as one pass of ldmkit's AMX GEMM
-  with the gating fused, and 3x3 convolutions as its implicit GEMM (``ldmkit.accel.amx_gemm``).
+  with the gating fused (``ldmkit.accel.amx_gemm``).
   In fp32, wide 3x3 convolutions run as Winograd F(2x2, 3x3) (``ldmkit.accel.winograd``:
   2.25x fewer multiplies, as accurate as the direct kernel).
 - for bf16, with its GroupNorms (and the SiLU after each, where a ``nn.Sequential`` has one)

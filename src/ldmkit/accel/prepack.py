@@ -13,6 +13,9 @@ linear layers). They compute the same products; the summation order may differ f
 kernel PyTorch picks for the plain layer, so outputs match to rounding (on the SD 1.5 UNet at
 256 px: bit-identical convolutions in bf16, 1.4e-5 max abs difference in fp32).
 
+``GEGLU`` feed-forward layers become ``PackedGEGLU``: in bf16 on AMX CPUs the projection and
+the gating run as one pass of ldmkit's AMX GEMM (``ldmkit.accel.amx_gemm``).
+
 Cost: the packed weights are a second copy of the conv/linear weights in memory.
 ``unpack(module)`` turns the layers back into plain ones and frees the copies.
 """
@@ -193,8 +196,8 @@ _UNSWAPS = {v: k for k, v in _SWAPS.items()}
 
 
 def prepack(module: nn.Module) -> nn.Module:
-    """Make every ``nn.Conv2d`` / ``nn.Linear`` in ``module`` (in place, returned) pack its weight
-    for CPU inference. Parameters, buffers, names and hooks are kept; nothing is copied until the
+    """Make every ``nn.Conv2d`` / ``nn.Linear`` / ``GEGLU`` in ``module`` (in place, returned)
+    pack its weight for CPU inference. Parameters, buffers, names and hooks are kept; nothing is copied until the
     first call without gradients."""
     for m in module.modules():
         packed_cls = _SWAPS.get(type(m))
