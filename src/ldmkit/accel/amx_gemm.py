@@ -63,7 +63,9 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _require() -> ctypes.CDLL:
-    lib = _require()
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the AMX GEMM kernel is not available on this machine")
     return lib
 
 
