@@ -140,6 +140,7 @@ def test_packed_geglu_keeps_state_and_function_and_unpack_restores():
     assert type(geglu) is PackedGEGLU
     assert block.state_dict().keys() == plain.state_dict().keys()
     x, ctx = torch.randn(2, 40, 64).bfloat16(), torch.randn(2, 7, 48).bfloat16()
+    geglu.min_rows = 1  # the kernel for any size (by default only from 256 rows)
     with torch.inference_mode():
         exact = _exact_geglu(x.view(-1, 64), geglu.proj.weight, geglu.proj.bias)
         _check_rounded_once(geglu(x).reshape(exact.shape), exact)
@@ -155,6 +156,7 @@ def test_packed_geglu_keeps_state_and_function_and_unpack_restores():
 def test_new_weights_are_repacked():
     torch.manual_seed(1)
     geglu = prepack(GEGLU(32, 16).bfloat16().requires_grad_(False))
+    geglu.min_rows = 1
     x = torch.randn(5, 32).bfloat16()
     before = geglu(x)
     geglu.load_state_dict({k: v * 2 for k, v in geglu.state_dict().items()})
@@ -179,7 +181,10 @@ def test_prepare_for_inference_takes_the_kernels_in_bf16_only(monkeypatch):
         prepare_for_inference(copy.deepcopy(block), torch.float32)(torch.randn(1, 8, 32))
         prepare_for_inference(copy.deepcopy(net), torch.float32)(x)
         assert calls == []
-        prepare_for_inference(block, torch.bfloat16)(torch.randn(1, 8, 32).bfloat16())
+        fast = prepare_for_inference(block, torch.bfloat16)
+        fast(torch.randn(1, 8, 32).bfloat16())  # 8 rows: oneDNN's linear + gelu + mul
+        assert calls == []
+        fast(torch.randn(2, 128, 32).bfloat16())
         prepare_for_inference(net, torch.bfloat16)(x.bfloat16())
     assert calls == ["geglu", "conv3x3"]
 
