@@ -1,0 +1,96 @@
+"""One fast path on or off, on the same prepared UNet: interleaved A/B of whole UNet steps.
+
+The host this project is measured on changes speed by 2-4x within minutes (another tenant
+shares the cores and, it seems, their AMX units), so a fast path's gain is measured by
+toggling it on one model in one process and alternating (on, off, on, off, ...) after a
+warm-up call in each state; the table has the fastest step of each state and their ratio.
+Also prints each state's relative (L2) error against the fp32 UNet.
+
+Fast paths (``--path``):
+  geglu       PackedGEGLU (one AMX GEMM pass, ``ldmkit.accel.amx_gemm``) vs plain GEGLU
+  amx-conv    PackedConv2d.amx (3x3 convolutions as AMX implicit GEMMs) vs oneDNN's
+  group-norm  ldmkit's GroupNorm + SiLU kernel (``group_norm.fuse``) vs PyTorch's
+
+    python benchmarks/ab_fastpath.py --path geglu --size 512 --repeats 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from speed import SD15, SMALL, build_unet
+
+from ldmkit.accel import group_norm
+from ldmkit.accel.fastpaths import prepare_for_inference
+from ldmkit.accel.prepack import PackedConv2d, PackedGEGLU, _PackCache
+from ldmkit.nn.attention import GEGLU
+
+
+def _geglu(unet: torch.nn.Module, on: bool) -> None:
+    for m in unet.modules():
+        if isinstance(m, GEGLU):
+            m.__class__ = PackedGEGLU if on else GEGLU
+            if on and not hasattr(m, "_pack"):
+                m._pack = _PackCache()
+
+
+def _amx_conv(unet: torch.nn.Module, on: bool) -> None:
+    PackedConv2d.amx = on
+
+
+def _group_norm(unet: torch.nn.Module, on: bool) -> None:
+    (group_norm.fuse if on else group_norm.unfuse)(unet)
+
+
+TOGGLES: dict[str, Callable[[torch.nn.Module, bool], None]] = {
+    "geglu": _geglu,
+    "amx-conv": _amx_conv,
+    "group-norm": _group_norm,
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--path", choices=sorted(TOGGLES), required=True)
+    p.add_argument("--size", type=int, default=512, help="image size (latents are size / 8)")
+    p.add_argument("--layout", choices=["sd15", "small"], default="sd15")
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = SD15 if args.layout == "sd15" else SMALL
+    unet = build_unet(cfg)
+    g = torch.Generator().manual_seed(0)
+    lat = args.size // 8
+    x = torch.randn(2, 4, lat, lat, generator=g)
+    ctx = torch.randn(2, 77, cfg["context_dim"], generator=g)
+    t = torch.tensor([500, 500])
+    with torch.inference_mode():
+        ref = unet(x, t, ctx).double()
+    unet = prepare_for_inference(unet, torch.bfloat16)
+    x, ctx = x.bfloat16(), ctx.bfloat16()
+    toggle = TOGGLES[args.path]
+    best = {True: float("inf"), False: float("inf")}
+    with torch.inference_mode():
+        for on in (True, False):
+            toggle(unet, on)
+            err = (unet(x, t, ctx).double() - ref).norm() / ref.norm()
+            print(f"{args.path} {'on' if on else 'off'}: rel. error vs fp32 {err:.3e}")
+        for _ in range(args.repeats):
+            for on in (True, False):
+                toggle(unet, on)
+                unet(x, t, ctx)  # warm-up in this state (packs weights on a switch)
+                t0 = time.perf_counter()
+                unet(x, t, ctx)
+                best[on] = min(best[on], time.perf_counter() - t0)
+    print(
+        f"{args.layout} UNet step, batch 2, {args.size} px, bf16, {args.threads} threads: "
+        f"on {best[True]:.3f} s, off {best[False]:.3f} s, {best[False] / best[True]:.3f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
