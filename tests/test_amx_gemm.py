@@ -67,6 +67,17 @@ def test_geglu_is_the_exact_value_rounded_once(m, k, n, bias):
     assert (out.double() - exact).norm() < theirs.norm()
 
 
+def test_geglu_saturates_for_large_gates_and_leaves_denormals_on():
+    """gelu(g) -> 0 for g << 0 and -> g for g >> 0 (exp(-z^2) underflows: the kernel flushes
+    denormals while it runs and gives the thread's MXCSR back afterwards)."""
+    x, w, _ = _data(64, 32, 64, seed=5)
+    b = torch.cat([torch.zeros(32), torch.linspace(-60, 60, 32)]).bfloat16()
+    out = amx_gemm.geglu(x, amx_gemm.pack(w, amx_gemm.GEGLU), 64, b)
+    assert torch.isfinite(out).all()
+    _check_rounded_once(out, _exact_geglu(x, w, b))
+    assert (torch.tensor([1e-38]) / 100).item() != 0.0  # not flushed: MXCSR restored
+
+
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_plain_gemm_is_the_exact_value_rounded_once(m, k, n):
     x, w, b = _data(m, k, n, seed=1)
