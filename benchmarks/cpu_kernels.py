@@ -65,6 +65,21 @@ def interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return best
 
 
+def measure(fns: dict, exact: torch.Tensor, repeats: int) -> tuple[dict, dict]:
+    """(min seconds, max abs error against ``exact``) of each callable, under inference mode."""
+    with torch.inference_mode():
+        best = interleaved(fns, repeats)
+        err = {name: float((fn().double() - exact).abs().max()) for name, fn in fns.items()}
+    return best, err
+
+
+def onednn_conv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> partial:
+    """The pre-packed oneDNN 3x3 convolution (padding 1) that ``PackedConv2d`` runs."""
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(x.shape))
+    return partial(torch.ops.mkldnn._convolution_pointwise, x, packed, bias, *args, "none", [], "")
+
+
 def attention_rows(repeats: int) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -79,9 +94,7 @@ def attention_rows(repeats: int) -> list[dict]:
                 "PyTorch SDPA": partial(F.scaled_dot_product_attention, qd, kd, vd),
                 "ldmkit": partial(cpu_attention.attention, qd, kd, vd),
             }
-            with torch.inference_mode():
-                best = interleaved(fns, repeats)
-                err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+            best, err = measure(fns, exact, repeats)
             gflop = 4 * b * h * n * s * d / 1e9
             rows.append(
                 _row("attention", f"{label} [{b}x{h}x{n}x{s}x{d}]", dtype, best, err, gflop)
@@ -94,23 +107,17 @@ def conv_rows(repeats: int) -> list[dict]:
     if not winograd.available():
         return rows
     g = torch.Generator().manual_seed(0)
-    ops = torch.ops.mkldnn
     for b, c, k, size in CONVS:
         x = torch.randn(b, c, size, size, generator=g)
         w = torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)
         bias = torch.randn(k, generator=g)
         exact = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
-        args = ([1, 1], [1, 1], [1, 1], 1)
-        packed = ops._reorder_convolution_weight(w, *args, list(x.shape))
         u = winograd.transform_weight(w)
-        conv = ops._convolution_pointwise
         fns = {
-            "oneDNN (pre-packed)": partial(conv, x, packed, bias, *args, "none", [], ""),
+            "oneDNN (pre-packed)": onednn_conv3x3(x, w, bias),
             "ldmkit Winograd": partial(winograd.conv3x3, x, u, bias),
         }
-        with torch.inference_mode():
-            best = interleaved(fns, repeats)
-            err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+        best, err = measure(fns, exact, repeats)
         gflop = 2 * b * k * c * 9 * size * size / 1e9
         taken = winograd.worth_it(torch.nn.Conv2d(c, k, 3, padding=1), x)
         label = f"3x3 conv {c}->{k} at {size}x{size}, batch {b}" + ("" if taken else " (not taken)")
@@ -123,27 +130,20 @@ def amx_conv_rows(repeats: int) -> list[dict]:
     if not amx_gemm.available():
         return rows
     g = torch.Generator().manual_seed(0)
-    ops = torch.ops.mkldnn
     for b, c, k, size in CONVS:
         if size < 16:  # the 8x8 level runs as im2col + GEMM in bf16 (PackedConv2d)
             continue
-        x = torch.randn(b, c, size, size, generator=g).bfloat16()
-        x = x.contiguous(memory_format=torch.channels_last)
+        cl = torch.channels_last
+        x = torch.randn(b, c, size, size, generator=g).bfloat16().contiguous(memory_format=cl)
         w = (torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)).bfloat16()
         bias = torch.randn(k, generator=g).bfloat16()
         exact = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
-        args = ([1, 1], [1, 1], [1, 1], 1)
-        wcl = w.contiguous(memory_format=torch.channels_last)
-        packed = ops._reorder_convolution_weight(wcl, *args, list(x.shape))
         u = amx_gemm.pack_conv3x3(w)
-        conv = ops._convolution_pointwise
         fns = {
-            "oneDNN (pre-packed)": partial(conv, x, packed, bias, *args, "none", [], ""),
+            "oneDNN (pre-packed)": onednn_conv3x3(x, w.contiguous(memory_format=cl), bias),
             "ldmkit AMX implicit GEMM": partial(amx_gemm.conv3x3, x, u, k, bias),
         }
-        with torch.inference_mode():
-            best = interleaved(fns, repeats)
-            err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+        best, err = measure(fns, exact, repeats)
         gflop = 2 * b * k * c * 9 * size * size / 1e9
         label = f"3x3 conv {c}->{k} at {size}x{size}, batch {b}"
         rows.append(_row("amx_conv", label, torch.bfloat16, best, err, gflop))
@@ -168,9 +168,7 @@ def group_norm_rows(repeats: int) -> list[dict]:
             "PyTorch GroupNorm + SiLU": lambda: F.silu(F.group_norm(x, 32, w, b, 1e-5)),  # noqa: B023
             "ldmkit": partial(group_norm.group_norm, x, 32, w, b, 1e-5, True),
         }
-        with torch.inference_mode():
-            best = interleaved(fns, repeats)
-            err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+        best, err = measure(fns, exact, repeats)
         label = f"GroupNorm(32) + SiLU, channels-last {list(shape)}"
         rows.append(_row("group_norm", label, torch.bfloat16, best, err, 0.0))
     return rows
@@ -199,9 +197,7 @@ def geglu_rows(repeats: int) -> list[dict]:
             "oneDNN linear + gelu + mul": three_steps,
             "ldmkit": partial(amx_gemm.geglu, x, packed, 2 * inner, b),
         }
-        with torch.inference_mode():
-            best = interleaved(fns, repeats)
-            err = {k_: float((fn().double() - exact).abs().max()) for k_, fn in fns.items()}
+        best, err = measure(fns, exact, repeats)
         label = f"GEGLU {k}->2x{inner}, {m} tokens"
         rows.append(_row("geglu", label, torch.bfloat16, best, err, 2 * m * k * 2 * inner / 1e9))
     return rows
