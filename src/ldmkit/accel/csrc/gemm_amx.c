@@ -12,7 +12,9 @@
 // A 32 x 32 block is four accumulator tiles over the whole K (two tiles of A loaded in place,
 // two of W from the pack), stored to a 4 KB fp32 buffer and finished on AVX-512; the epilogue
 // of one block is issued after the products of the next, so the two run side by side.
-// Built and loaded at run time by ldmkit.accel.native; called from ldmkit.accel.amx_linear.
+// 3x3 convolutions (ldm_conv3x3) are the same loop as an implicit GEMM: A is a zero-padded NHWC
+// input, a tile 16 neighbouring output pixels of one image row at one tap, K taps x channels.
+// Built and loaded at run time by ldmkit.accel.native; called from ldmkit.accel.amx_gemm.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -189,7 +191,8 @@ static void run_block(const gemm_args *g, int64_t m0, int64_t m1, int64_t j0, in
         const int64_t y0 = r / g->W, y1 = (r + 16) / g->W;  // image rows, all images stacked
         const int64_t b0 = y0 / g->H, b1 = y1 / g->H;
         a0 = g->a + ((y0 + 2 * b0) * Wp + r % g->W) * g->C;
-        a1 = g->a + ((y1 + 2 * b1) * Wp + (r + 16) % g->W) * g->C;
+        // (a last block of 16 pixels reads its first tile twice: no tile past the input)
+        a1 = rows > 16 ? g->a + ((y1 + 2 * b1) * Wp + (r + 16) % g->W) * g->C : a0;
         sa = g->C;
       } else {
         a0 = row_block(g, r, rows, pad, &sa);
