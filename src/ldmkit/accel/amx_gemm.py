@@ -77,13 +77,11 @@ def available() -> bool:
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """bf16 CPU input and weight, no autograd through them, not compiling or tracing."""
-    params = (x, weight, bias)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     return (
         x.device.type == "cpu"
         and weight.device.type == "cpu"
         and x.dtype == weight.dtype == torch.bfloat16
-        and not grads
+        and not native.needs_grad(x, weight, bias)
         and not native.tracing()
         and available()
     )
@@ -106,6 +104,11 @@ def pack(weight: torch.Tensor, epilogue: int = PLAIN) -> torch.Tensor:
     return packed
 
 
+def _bias32(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as the kernel reads it: contiguous fp32 (the epilogue adds it in fp32)."""
+    return None if bias is None else bias.detach().float().contiguous()
+
+
 def _run(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None, epilogue: int
 ) -> torch.Tensor:
@@ -118,7 +121,7 @@ def _run(
         a = a.contiguous()
     cols = n // 2 if epilogue == GEGLU else n
     out = torch.empty(a.shape[0], cols, dtype=torch.bfloat16)
-    b = None if bias is None else bias.detach().float().contiguous()
+    b = _bias32(bias)
     rc = lib.ldm_gemm(
         a.data_ptr(), a.shape[0], k, a.stride(0), packed.data_ptr(), n,
         None if b is None else b.data_ptr(), epilogue, out.data_ptr(), cols,
@@ -181,7 +184,7 @@ def conv3x3(
         raise ValueError(f"packed weight does not match a [{out_channels}, {c}, 3, 3] weight")
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)).contiguous()  # [B, H+2, W+2, C]
     y = torch.empty(b, h, w, out_channels, dtype=torch.bfloat16)
-    bf = None if bias is None else bias.detach().float().contiguous()
+    bf = _bias32(bias)
     rc = lib.ldm_conv3x3(
         xp.data_ptr(), b, h, w, c, packed.data_ptr(), out_channels,
         None if bf is None else bf.data_ptr(), y.data_ptr(), torch.get_num_threads(),

@@ -117,7 +117,7 @@ def supports(
         return False  # the bf16 packing reads pairs of elements
     if q.dtype == torch.bfloat16 and 16 * k.stride(2) >= 2**31:
         return False  # it gathers 16 key rows with 32-bit offsets
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if native.needs_grad(q, k, v):
         return False
     return available(q.dtype)
 

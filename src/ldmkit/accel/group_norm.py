@@ -54,13 +54,12 @@ def available() -> bool:
 def supports(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     """bf16 [N, C, H, W] channels-last CPU tensor, no autograd through it or ``params``, not
     compiling or tracing."""
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and not grads
+        and not native.needs_grad(x, *params)
         and not native.tracing()
         and available()
     )

@@ -42,6 +42,13 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would have to differentiate through a call on ``tensors`` (None
+    entries skipped): the C kernels have no backward, so callers then take their PyTorch
+    path."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def cache_dir() -> Path:
     root = os.environ.get("LDMKIT_CACHE_DIR")
     if root:

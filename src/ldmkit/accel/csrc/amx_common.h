@@ -17,8 +17,6 @@ typedef struct {
   uint8_t rows[16];
 } tile_config;
 
-static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
 // Linux gives a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM
 // for XFEATURE_XTILEDATA). 0 on success.
 int ldm_amx_request(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }

@@ -24,10 +24,6 @@
 int64_t ldm_kp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 32); }
 int64_t ldm_vp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 16); }
 
-static inline __mmask32 first_n32(int64_t n) {
-  return n >= 32 ? 0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1);
-}
-
 // k [S, D] (row stride ks, 16 ks < 2^31: 32-bit gather offsets) -> tiles
 // [S/16][Dq/32][16 d-pairs][16 keys][2]; v [S, D] (row stride vs) -> tiles
 // [Sp/32][Dv/16][16 key-pairs][16 columns][2]; zero padded.

@@ -20,8 +20,6 @@
 #define KB 256  // keys per softmax block
 
 
-static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
 int64_t ldm_kt_size(int64_t S, int64_t D) { return D * round_up(S, 32); }
 int64_t ldm_vp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D, 16); }
 

@@ -1,7 +1,8 @@
 // What ldmkit's flash-attention kernels share (attention_amx.c for bf16, attention_f32.c for
 // fp32): the argument struct, the parallel driver, and the online-softmax step (AVX-512, base
 // 2: c = scale * log2(e) folds the softmax scale into the exponent; the per-row scalars
-// batched into 16-wide vectors). group_norm.c uses exp2_ps and first_n16.
+// batched into 16-wide vectors). group_norm.c and gemm_amx.c use exp2_ps and the mask and
+// rounding helpers.
 #ifndef LDMKIT_FLASH_COMMON_H
 #define LDMKIT_FLASH_COMMON_H
 
@@ -56,6 +57,12 @@ static inline int flash_parallel(const ldm_attn_args *a, int64_t qb,
 static inline __mmask16 first_n16(int64_t n) {
   return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
 }
+
+static inline __mmask32 first_n32(int64_t n) {
+  return n >= 32 ? 0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1);
+}
+
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // 2^t = 2^round(t) * p(f), f = t - round(t) in [-1/2, 1/2], p a near-minimax polynomial of
 // 2^f: degree 4 (relative error 2.6e-6, below the bf16 rounding of P) or 5 (7.5e-8, fp32's

@@ -162,8 +162,7 @@ static const uint16_t *row_block(const gemm_args *g, int64_t r, int64_t rows, ui
   if (rows == 32 && g->K % 32 == 0) return a;
   for (int64_t i = 0; i < 32; i++)
     for (int64_t k = 0; k < Kp; k += 32) {
-      const int64_t left = i < rows ? g->K - k : 0;
-      const __mmask32 m = left >= 32 ? 0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1);
+      const __mmask32 m = first_n32(i < rows ? g->K - k : 0);
       _mm512_storeu_si512((void *)(pad + i * Kp + k), _mm512_maskz_loadu_epi16(m, a + i * g->lda + k));
     }
   *stride = Kp;
