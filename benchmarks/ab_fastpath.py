@@ -25,16 +25,16 @@ from speed import SD15, SMALL, build_unet
 
 from ldmkit.accel import group_norm
 from ldmkit.accel.fastpaths import prepare_for_inference
-from ldmkit.accel.prepack import PackedConv2d, PackedGEGLU, _PackCache
+from ldmkit.accel.prepack import PackedConv2d, PackedGEGLU
 from ldmkit.nn.attention import GEGLU
 
 
 def _geglu(unet: torch.nn.Module, on: bool) -> None:
+    # prepare_for_inference made them PackedGEGLU (with their pack cache); a plain GEGLU
+    # ignores the cache, so switching the class back and forth is enough
     for m in unet.modules():
         if isinstance(m, GEGLU):
             m.__class__ = PackedGEGLU if on else GEGLU
-            if on and not hasattr(m, "_pack"):
-                m._pack = _PackCache()
 
 
 def _amx_conv(unet: torch.nn.Module, on: bool) -> None:
