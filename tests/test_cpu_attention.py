@@ -98,6 +98,25 @@ def test_large_scores_and_strided_views_from_a_fused_projection(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [40, 64])  # bf16: row sums from a ones column in v, or not
+@pytest.mark.parametrize("jump", [2.5, 25.0])  # later scores 2^40 / 2^400 times the first's
+def test_later_key_blocks_with_far_larger_scores(dtype, d, jump):
+    """Key blocks past the first with far larger scores: the online softmax rescales the
+    output and the row sums (for bf16 with head dim 40 these are a column of P v) by
+    2^-40, or flushes them to 0 (2^-400)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 40, d, generator=g).abs() + 1  # every score grows with k
+    k = torch.randn(1, 2, 600, d, generator=g) * 0.5
+    k[:, :, 256:] += jump * 40 / d  # keys past the first block of 256
+    v = torch.randn(1, 2, 600, d, generator=g)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    ours_max, ours_mean, torch_max, torch_mean = _errors(q, k, v)
+    assert torch.isfinite(cpu_attention.attention(q, k, v)).all()
+    mean_tol, max_tol = TOLERANCE[dtype]
+    assert ours_mean <= mean_tol * torch_mean and ours_max <= max_tol * torch_max
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_same_output_whatever_the_thread_count(dtype):
     q, k, v = _qkv(2, 3, 200, 300, 64, seed=2, dtype=dtype)
     threads = torch.get_num_threads()

@@ -36,8 +36,8 @@ _AVX512 = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp")
 _KERNELS = {
     torch.bfloat16: (
         "attention_amx",
-        (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
-        {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl"},
+        (*_AVX512, "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+        {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl", "avx512dq"},
         "ldm_attention",
         ("ldm_kp_size", "ldm_vp_size"),
     ),

@@ -7,6 +7,9 @@
 //   S = q k^T    AMX tiles, k packed once per head into tiles (VNNI pairs along d)
 //   P = exp2(S * scale * log2(e) - m)    AVX-512, P rounded to bf16
 //   O += P v     AMX tiles, v packed once per head into tiles (VNNI pairs along keys)
+// Where the head dim D is not a multiple of 16, v's first padding column is ones, so P v also
+// sums each row of P as rounded to bf16 (the weights then sum to 1 exactly) and the softmax
+// loop skips its row sums.
 // Built and loaded at run time by ldmkit.accel.native; called from ldmkit.accel.cpu_attention.
 #include <immintrin.h>
 #include <math.h>
@@ -26,7 +29,8 @@ int64_t ldm_vp_size(int64_t S, int64_t D) { return round_up(S, 32) * round_up(D,
 
 // k [S, D] (row stride ks, 16 ks < 2^31: 32-bit gather offsets) -> tiles
 // [S/16][Dq/32][16 d-pairs][16 keys][2]; v [S, D] (row stride vs) -> tiles
-// [Sp/32][Dv/16][16 key-pairs][16 columns][2]; zero padded.
+// [Sp/32][Dv/16][16 key-pairs][16 columns][2]; zero padded but for column D of v (if
+// D % 16 != 0), which is ones.
 static void pack_kv(const uint16_t *k, int64_t ks, const uint16_t *v, int64_t vs, int64_t S,
                     int64_t D, uint16_t *kp, uint16_t *vp) {
   const int64_t Sp = round_up(S, 32), nd = round_up(D, 32) / 32, nc = round_up(D, 16) / 16;
@@ -54,6 +58,10 @@ static void pack_kv(const uint16_t *k, int64_t ks, const uint16_t *v, int64_t vs
       __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
       if (n < S) a = _mm256_maskz_loadu_epi16(cols, v + n * vs + 16 * c);
       if (n + 1 < S) b = _mm256_maskz_loadu_epi16(cols, v + (n + 1) * vs + 16 * c);
+      if (c == nc - 1 && D % 16) {  // the row-sum column (P is 0 for padded keys)
+        a = _mm256_mask_set1_epi16(a, (__mmask16)(1u << (D % 16)), 0x3F80);  // bf16 1.0
+        b = _mm256_mask_set1_epi16(b, (__mmask16)(1u << (D % 16)), 0x3F80);
+      }
       __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
       _mm512_store_si512((void *)(vp + (((j / 16) * nc + c) * 16 + j % 16) * 32),
                          _mm512_permutexvar_epi16(mix, x));
@@ -161,9 +169,11 @@ static void attend_block(const ldm_attn_args *a, const block_buffers *w, const u
   for (int64_t k0 = 0; k0 < a->S; k0 += KB) {
     const int64_t nk = a->S - k0 < KB ? a->S - k0 : KB, nkp = round_up(nk, 32);
     scores(w, kp, k0, nkp, nd);
-    online_softmax(w->s, KB, QB, nk, nkp, c, m, l, w->o, Dv, w->p, 1);
+    online_softmax(w->s, KB, QB, nk, nkp, c, m, D % 16 ? NULL : l, w->o, Dv, w->p, 1);
     accumulate(w, vp, k0, nkp, nc);
   }
+  if (D % 16)  // the row sums came out of P v
+    for (int64_t i = 0; i < rows; i++) l[i] = w->o[i * Dv + D];
   for (int64_t i = 0; i < rows; i++) {  // O / l, rounded to bf16
     const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
     for (int64_t d = 0; d < D; d += 16) {

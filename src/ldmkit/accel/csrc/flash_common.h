@@ -88,6 +88,23 @@ static inline __m512 exp2_ps(__m512 t, const int degree) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 2^t for the bf16 probabilities P: f = t - floor(t) in [0, 1) (one vreduceps where the
+// build has AVX512DQ), a near-minimax degree-3 polynomial of 2^f (relative error 7.5e-5, under
+// a twentieth of P's bf16 rounding), and vscalefps multiplies by 2^floor(t) itself.
+static inline __m512 exp2_p(__m512 t) {
+#ifdef __AVX512DQ__
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+  const __m512 f =
+      _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+#endif
+  __m512 p = _mm512_set1_ps(0.0780241936f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.226067215f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.695833743f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.999925196f));
+  return _mm512_scalef_ps(p, t);
+}
+
 // Stores 16 probabilities: bf16 (rounded to nearest even) or fp32.
 static inline void store_p(void *dst, __m512 p, __mmask16 keep, const int bf16) {
 #ifdef __AVX512BF16__
@@ -103,7 +120,8 @@ static inline void store_p(void *dst, __m512 p, __mmask16 keep, const int bf16) 
 // One key block of the online softmax for `rows` query rows: s [rows, ld] scores of nk valid
 // keys (computed up to nkp, a multiple of 16); updates the running max m and sum l, rescales
 // the output accumulator o [rows, dv] by 2^(m_old - m_new), and writes P [rows, ld] (zero
-// past nk). m and l hold `rows` (a multiple of 16) 64-byte aligned floats.
+// past nk). m and l hold `rows` (a multiple of 16) 64-byte aligned floats; l may be NULL when
+// the caller gets the row sums elsewhere (the bf16 kernel: from a column of ones in v).
 static inline void online_softmax(const float *s, int64_t ld, int64_t rows, int64_t nk,
                                   int64_t nkp, float c, float *m, float *l, float *o, int64_t dv,
                                   void *p, const int bf16) {
@@ -138,22 +156,33 @@ static inline void online_softmax(const float *s, int64_t ld, int64_t rows, int6
     __m512 s0 = _mm512_setzero_ps(), s1 = s0;
     int64_t j = 0;
     for (; j + 32 <= nk; j += 32) {
-      const __m512 p0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm), degree);
-      const __m512 p1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j + 16), vc, vm), degree);
-      s0 = _mm512_add_ps(s0, p0);
-      s1 = _mm512_add_ps(s1, p1);
+      const __m512 t0 = _mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm);
+      const __m512 t1 = _mm512_fmsub_ps(_mm512_loadu_ps(srow + j + 16), vc, vm);
+      const __m512 p0 = bf16 ? exp2_p(t0) : exp2_ps(t0, degree);
+      const __m512 p1 = bf16 ? exp2_p(t1) : exp2_ps(t1, degree);
+      if (l) {
+        s0 = _mm512_add_ps(s0, p0);
+        s1 = _mm512_add_ps(s1, p1);
+      }
+#ifdef __AVX512BF16__
+      if (bf16) {  // both halves rounded by one instruction
+        _mm512_storeu_si512(prow + j * esize, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        continue;
+      }
+#endif
       store_p(prow + j * esize, p0, 0xffff, bf16);
       store_p(prow + (j + 16) * esize, p1, 0xffff, bf16);
     }
     for (; j < nkp; j += 16) {  // tail: keys past nk get P = 0
       const __mmask16 keep = first_n16(nk - j);
-      const __m512 x = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm), degree);
+      const __m512 t = _mm512_fmsub_ps(_mm512_loadu_ps(srow + j), vc, vm);
+      const __m512 x = bf16 ? exp2_p(t) : exp2_ps(t, degree);
       s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(keep, x));
       store_p(prow + j * esize, x, keep, bf16);
     }
     bsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
   }
-  for (int64_t i = 0; i < rows; i += 16) {  // l = l * alpha + row sums
+  for (int64_t i = 0; l && i < rows; i += 16) {  // l = l * alpha + row sums
     const __m512 vl = _mm512_load_ps(l + i);
     _mm512_store_ps(l + i,
                     _mm512_fmadd_ps(vl, _mm512_load_ps(alpha + i), _mm512_load_ps(bsum + i)));
