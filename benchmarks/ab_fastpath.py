@@ -10,6 +10,7 @@ Fast paths (``--path``):
   geglu       PackedGEGLU (one AMX GEMM pass, ``ldmkit.accel.amx_gemm``) vs plain GEGLU
   amx-conv    PackedConv2d.amx (3x3 convolutions as AMX implicit GEMMs) vs oneDNN's
   group-norm  ldmkit's GroupNorm + SiLU kernel (``group_norm.fuse``) vs PyTorch's
+  attention   ldmkit's bf16 flash attention (``ldmkit.accel.cpu_attention``) vs PyTorch's SDPA
 
     python benchmarks/ab_fastpath.py --path geglu --size 512 --repeats 6
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import torch
 from speed import SD15, SMALL, build_unet
 
-from ldmkit.accel import group_norm
+from ldmkit.accel import cpu_attention, group_norm
 from ldmkit.accel.fastpaths import prepare_for_inference
 from ldmkit.accel.prepack import PackedConv2d, PackedGEGLU
 from ldmkit.nn.attention import GEGLU
@@ -45,10 +46,20 @@ def _group_norm(unet: torch.nn.Module, on: bool) -> None:
     (group_norm.fuse if on else group_norm.unfuse)(unet)
 
 
+_SUPPORTS = cpu_attention.supports
+
+
+def _attention(unet: torch.nn.Module, on: bool) -> None:
+    # ``nn.layers._sdpa`` asks ``cpu_attention.supports`` on every call; off, it says no, and
+    # every attention runs PyTorch's SDPA
+    cpu_attention.supports = _SUPPORTS if on else (lambda *args, **kwargs: False)
+
+
 TOGGLES: dict[str, Callable[[torch.nn.Module, bool], None]] = {
     "geglu": _geglu,
     "amx-conv": _amx_conv,
     "group-norm": _group_norm,
+    "attention": _attention,
 }
 
 
