@@ -11,6 +11,8 @@ Fast paths (``--path``):
   amx-conv    PackedConv2d.amx (3x3 convolutions as AMX implicit GEMMs) vs oneDNN's
   group-norm  ldmkit's GroupNorm + SiLU kernel (``group_norm.fuse``) vs PyTorch's
   attention   ldmkit's bf16 flash attention (``ldmkit.accel.cpu_attention``) vs PyTorch's SDPA
+  pointwise   1x1 convolutions as packed GEMMs (``PackedConv2d.gemm_pointwise``) vs oneDNN's
+              convolution
 
     python benchmarks/ab_fastpath.py --path geglu --size 512 --repeats 6
 """
@@ -46,6 +48,10 @@ def _group_norm(unet: torch.nn.Module, on: bool) -> None:
     (group_norm.fuse if on else group_norm.unfuse)(unet)
 
 
+def _pointwise(unet: torch.nn.Module, on: bool) -> None:
+    PackedConv2d.gemm_pointwise = on
+
+
 _SUPPORTS = cpu_attention.supports
 
 
@@ -60,6 +66,7 @@ TOGGLES: dict[str, Callable[[torch.nn.Module, bool], None]] = {
     "amx-conv": _amx_conv,
     "group-norm": _group_norm,
     "attention": _attention,
+    "pointwise": _pointwise,
 }
 
 

@@ -82,6 +82,25 @@ def test_small_low_precision_convs_run_as_one_gemm(hw: tuple, kernel) -> None:
         assert_rounds_like(out, plain(x), exact(x.double()))
 
 
+@pytest.mark.skipif(not pk.available(torch.bfloat16), reason="no bf16 oneDNN kernels")
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+def test_low_precision_pointwise_convs_run_as_one_gemm_at_any_size(fmt, monkeypatch) -> None:
+    """1x1 convolutions (stride 1, no padding) are a GEMM over the pixels at any size."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(32, 24, 1).bfloat16().to(memory_format=torch.channels_last)
+    packed = pk.prepack(copy.deepcopy(plain))
+    exact = copy.deepcopy(plain).double()
+    x = randn(2, 32, 16, 20).bfloat16().contiguous(memory_format=fmt)  # 320 > 64 positions
+    with torch.no_grad():
+        out = packed(x)
+        assert packed._pack.key[3][0] == "gemm"
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert_rounds_like(out, plain(x), exact(x.double()))
+        monkeypatch.setattr(pk.PackedConv2d, "gemm_pointwise", False)
+        packed(x)
+        assert packed._pack.key[3] == tuple(x.shape)  # oneDNN's convolution again
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_rounds_like_the_plain_layer(dtype: torch.dtype, bias: bool) -> None:

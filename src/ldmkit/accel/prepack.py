@@ -94,6 +94,10 @@ class PackedConv2d(nn.Conv2d):
     # 6.2 ms at 4x4, 8.7 against 9.7 ms at 8x8, but 13.4 against 7.0 ms at 16x16 (640
     # channels); the whole UNet step at 256 px: 1.04-1.10x from 16 to 64. 0 turns this off.
     im2col_max_positions = 64
+    # Low-precision 1x1 convolutions (stride 1, no padding) at any size run as one packed GEMM
+    # over the NHWC pixels (a view of channels-last input): oneDNN's convolution kernel took
+    # 1.0-1.19x the time of its linear kernel on the SD 1.5 UNet's 1x1 shapes (bf16, batch 2).
+    gemm_pointwise = True
     # bf16 3x3 convolutions on ldmkit's AMX implicit GEMM (``amx_gemm.conv3x3``) where it
     # applies. Off by default: on this project's host it has not measured faster than oneDNN's
     # convolution (0.93-1.08x on the SD 1.5 UNet's shapes while the AMX unit was shared).
@@ -121,6 +125,9 @@ class PackedConv2d(nn.Conv2d):
         packed = self._pack.get(weight, tuple(x.shape), pack)
         return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
 
+    def _pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and self.padding == (0, 0)
+
     def _as_gemm(self, x: torch.Tensor) -> bool:
         kh, kw = self.kernel_size
         ho = x.shape[-2] + 2 * self.padding[0] - kh + 1
@@ -130,7 +137,7 @@ class PackedConv2d(nn.Conv2d):
             and self.groups == 1
             and self.stride == (1, 1)
             and self.dilation == (1, 1)
-            and ho * wo <= self.im2col_max_positions
+            and (ho * wo <= self.im2col_max_positions or self.gemm_pointwise and self._pointwise())
         )
 
     def _im2col_forward(
@@ -139,9 +146,14 @@ class PackedConv2d(nn.Conv2d):
         """The convolution as one GEMM: patches in (kh, kw, C) order on NHWC data, against the
         weight flattened in the same order."""
         (kh, kw), (ph, pw), b = self.kernel_size, self.padding, x.shape[0]
-        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [B, H+2ph, W+2pw, C]
-        ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-        cols = torch.cat([xp[:, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw)], -1)
+        if self._pointwise():  # the pixels themselves (a view of channels-last input)
+            cols = x.permute(0, 2, 3, 1)
+            ho, wo = x.shape[-2:]
+        else:
+            xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [B, H+2ph, W+2pw, C]
+            ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+            taps = [xp[:, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw)]
+            cols = torch.cat(taps, -1)
         rows = b * ho * wo
 
         def pack() -> torch.Tensor:
