@@ -96,7 +96,8 @@ class PackedConv2d(nn.Conv2d):
     im2col_max_positions = 64
     # Low-precision 1x1 convolutions (stride 1, no padding) at any size run as one packed GEMM
     # over the NHWC pixels (a view of channels-last input): oneDNN's convolution kernel took
-    # 1.0-1.19x the time of its linear kernel on the SD 1.5 UNet's 1x1 shapes (bf16, batch 2).
+    # 0.98-1.19x the time of its linear kernel on the SD 1.5 UNet's 1x1 shapes (six of seven
+    # slower; bf16, batch 2).
     gemm_pointwise = True
     # bf16 3x3 convolutions on ldmkit's AMX implicit GEMM (``amx_gemm.conv3x3``) where it
     # applies. Off by default: on this project's host it has not measured faster than oneDNN's
