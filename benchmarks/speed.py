@@ -511,6 +511,8 @@ def main() -> None:
     # the peaks again at the end, keeping the best: the host's load changes over a run
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         results["peak_gflops"][name] = max(results["peak_gflops"][name], calibrate(dtype))
+    # the tables printed above used the first peaks; this one is the table that is saved
+    print("Final table (peaks re-measured at the end):", markdown(results), sep="\n", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "speed.md").write_text(markdown(results))
