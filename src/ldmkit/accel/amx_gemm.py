@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import platform
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +42,8 @@ PLAIN, GEGLU = 0, 1  # the kernel's epilogues (LDM_GEMM_* in csrc/gemm_amx.c)
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if platform.machine() not in ("x86_64", "AMD64") or not _CPU_FLAGS.issubset(native.cpu_flags()):
-        return None
-    lib = native.load("gemm_amx", _FLAGS)
-    if lib is None or lib.ldm_amx_request() != 0:  # the OS grants AMX on request
+    lib = native.load_for_cpu("gemm_amx", _FLAGS, _CPU_FLAGS, amx=True)
+    if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ldm_gemm_pack_size.argtypes = [i64, i64]

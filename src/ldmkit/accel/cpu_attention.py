@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import platform
 
 import torch
 
@@ -69,15 +68,11 @@ class _Args(ctypes.Structure):
 
 @functools.cache
 def _library(dtype: torch.dtype) -> ctypes.CDLL | None:
-    if dtype not in _KERNELS or platform.machine() not in ("x86_64", "AMD64"):
+    if dtype not in _KERNELS:
         return None
     name, flags, cpu, entry, sizes = _KERNELS[dtype]
-    if not cpu.issubset(native.cpu_flags()):
-        return None
-    lib = native.load(name, flags)
+    lib = native.load_for_cpu(name, flags, cpu, amx=dtype == torch.bfloat16)
     if lib is None:
-        return None
-    if dtype == torch.bfloat16 and lib.ldm_amx_request() != 0:  # the OS grants AMX on request
         return None
     getattr(lib, entry).argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
     getattr(lib, entry).restype = ctypes.c_int

@@ -32,9 +32,7 @@ _CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if not _CPU_FLAGS.issubset(native.cpu_flags()):
-        return None
-    lib = native.load("group_norm", _FLAGS)
+    lib = native.load_for_cpu("group_norm", _FLAGS, _CPU_FLAGS)
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p

@@ -137,3 +137,17 @@ def load(name: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
+
+
+def load_for_cpu(
+    name: str, flags: tuple[str, ...], cpu: set[str], *, amx: bool = False
+) -> ctypes.CDLL | None:
+    """``load(name, flags)`` where this is an x86-64 CPU with every flag in ``cpu`` (as
+    /proc/cpuinfo names them) and, with ``amx``, where Linux grants the process the AMX tile
+    state (the kernel's ``ldm_amx_request``, from ``csrc/amx_common.h``); None elsewhere."""
+    if platform.machine() not in ("x86_64", "AMD64") or not cpu.issubset(cpu_flags()):
+        return None
+    lib = load(name, flags)
+    if lib is None or (amx and lib.ldm_amx_request() != 0):
+        return None
+    return lib
