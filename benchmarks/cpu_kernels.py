@@ -80,6 +80,24 @@ def onednn_conv3x3(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> part
     return partial(torch.ops.mkldnn._convolution_pointwise, x, packed, bias, *args, "none", [], "")
 
 
+def conv3x3_case(
+    g: torch.Generator,
+    b: int,
+    c: int,
+    k: int,
+    size: int,
+    dtype: torch.dtype,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple:
+    """(x, weight, bias, fp64 output, GFLOP, label) of a padding-1 3x3 convolution."""
+    x = torch.randn(b, c, size, size, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    w = (torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)).to(dtype)
+    bias = torch.randn(k, generator=g).to(dtype)
+    exact = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
+    gflop = 2 * b * k * c * 9 * size * size / 1e9
+    return x, w, bias, exact, gflop, f"3x3 conv {c}->{k} at {size}x{size}, batch {b}"
+
+
 def attention_rows(repeats: int) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -108,19 +126,15 @@ def conv_rows(repeats: int) -> list[dict]:
         return rows
     g = torch.Generator().manual_seed(0)
     for b, c, k, size in CONVS:
-        x = torch.randn(b, c, size, size, generator=g)
-        w = torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)
-        bias = torch.randn(k, generator=g)
-        exact = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
+        x, w, bias, exact, gflop, label = conv3x3_case(g, b, c, k, size, torch.float32)
         u = winograd.transform_weight(w)
         fns = {
             "oneDNN (pre-packed)": onednn_conv3x3(x, w, bias),
             "ldmkit Winograd": partial(winograd.conv3x3, x, u, bias),
         }
         best, err = measure(fns, exact, repeats)
-        gflop = 2 * b * k * c * 9 * size * size / 1e9
         taken = winograd.worth_it(torch.nn.Conv2d(c, k, 3, padding=1), x)
-        label = f"3x3 conv {c}->{k} at {size}x{size}, batch {b}" + ("" if taken else " (not taken)")
+        label += "" if taken else " (not taken)"
         rows.append(_row("conv", label, torch.float32, best, err, gflop))
     return rows
 
@@ -134,18 +148,13 @@ def amx_conv_rows(repeats: int) -> list[dict]:
         if size < 16:  # the 8x8 level runs as im2col + GEMM in bf16 (PackedConv2d)
             continue
         cl = torch.channels_last
-        x = torch.randn(b, c, size, size, generator=g).bfloat16().contiguous(memory_format=cl)
-        w = (torch.randn(k, c, 3, 3, generator=g) / (3 * c**0.5)).bfloat16()
-        bias = torch.randn(k, generator=g).bfloat16()
-        exact = F.conv2d(x.double(), w.double(), bias.double(), padding=1)
+        x, w, bias, exact, gflop, label = conv3x3_case(g, b, c, k, size, torch.bfloat16, cl)
         u = amx_gemm.pack_conv3x3(w)
         fns = {
             "oneDNN (pre-packed)": onednn_conv3x3(x, w.contiguous(memory_format=cl), bias),
             "ldmkit AMX implicit GEMM": partial(amx_gemm.conv3x3, x, u, k, bias),
         }
         best, err = measure(fns, exact, repeats)
-        gflop = 2 * b * k * c * 9 * size * size / 1e9
-        label = f"3x3 conv {c}->{k} at {size}x{size}, batch {b}"
         rows.append(_row("amx_conv", label, torch.bfloat16, best, err, gflop))
     return rows
 
@@ -251,7 +260,8 @@ def main() -> None:
         "machine": platform.machine(),
         "torch": torch.__version__,
         "threads": args.threads,
-        "command": f"python benchmarks/cpu_kernels.py --repeats {args.repeats} --threads {args.threads}",
+        "command": f"python benchmarks/cpu_kernels.py --repeats {args.repeats} --threads "
+        f"{args.threads}" + ("" if args.out == RESULTS else f" --out {args.out}"),
         "rows": attention_rows(args.repeats)
         + conv_rows(args.repeats)
         + group_norm_rows(args.repeats)
