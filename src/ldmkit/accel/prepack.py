@@ -100,8 +100,9 @@ class PackedConv2d(nn.Conv2d):
     # slower; bf16, batch 2).
     gemm_pointwise = True
     # bf16 3x3 convolutions on ldmkit's AMX implicit GEMM (``amx_gemm.conv3x3``) where it
-    # applies. Off by default: on this project's host it has not measured faster than oneDNN's
-    # convolution (0.93-1.08x on the SD 1.5 UNet's shapes while the AMX unit was shared).
+    # applies. Off by default: against oneDNN's convolution it ranged 0.77-1.48x over the SD 1.5
+    # UNet's shapes, and the shapes it won changed with the host's load; the whole UNet with it
+    # on took 1.034x (512 px) and 0.994x (256 px) of its time.
     amx = False
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -215,8 +216,8 @@ _UNSWAPS = {v: k for k, v in _SWAPS.items()}
 
 def prepack(module: nn.Module) -> nn.Module:
     """Make every ``nn.Conv2d`` / ``nn.Linear`` / ``GEGLU`` in ``module`` (in place, returned)
-    pack its weight for CPU inference. Parameters, buffers, names and hooks are kept; nothing is copied until the
-    first call without gradients."""
+    pack its weight for CPU inference. Parameters, buffers, names and hooks are kept; nothing
+    is copied until the first call without gradients."""
     for m in module.modules():
         packed_cls = _SWAPS.get(type(m))
         if packed_cls is not None:

@@ -154,7 +154,7 @@ static void accumulate(const block_buffers *w, const uint16_t *vp, int64_t k0, i
 static void attend_block(const ldm_attn_args *a, const block_buffers *w, const uint16_t *q,
                          const uint16_t *kp, const uint16_t *vp, int64_t rows, uint16_t *out) {
   const int64_t D = a->D, nd = round_up(D, 32) / 32, nc = round_up(D, 16) / 16;
-  const int64_t Dq = nd * 32, Dv = nc * 16;
+  const int64_t Dq = nd * 32, Dv = nc * 16, ones = D % 16 != 0;  // v's column D: row sums
   _Alignas(64) float m[QB], l[QB];
   for (int64_t i = 0; i < QB; i++) {
     m[i] = -INFINITY;
@@ -169,10 +169,10 @@ static void attend_block(const ldm_attn_args *a, const block_buffers *w, const u
   for (int64_t k0 = 0; k0 < a->S; k0 += KB) {
     const int64_t nk = a->S - k0 < KB ? a->S - k0 : KB, nkp = round_up(nk, 32);
     scores(w, kp, k0, nkp, nd);
-    online_softmax(w->s, KB, QB, nk, nkp, c, m, D % 16 ? NULL : l, w->o, Dv, w->p, 1);
+    online_softmax(w->s, KB, QB, nk, nkp, c, m, ones ? NULL : l, w->o, Dv, w->p, 1);
     accumulate(w, vp, k0, nkp, nc);
   }
-  if (D % 16)  // the row sums came out of P v
+  if (ones)  // the row sums came out of P v
     for (int64_t i = 0; i < rows; i++) l[i] = w->o[i * Dv + D];
   for (int64_t i = 0; i < rows; i++) {  // O / l, rounded to bf16
     const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
