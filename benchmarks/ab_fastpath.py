@@ -13,6 +13,7 @@ Fast paths (``--path``):
   attention   ldmkit's bf16 flash attention (``ldmkit.accel.cpu_attention``) vs PyTorch's SDPA
   pointwise   1x1 convolutions as packed GEMMs (``PackedConv2d.gemm_pointwise``) vs oneDNN's
               convolution
+  skinny      GEMMs of at most ``prepack.AMX_MAX_ROWS`` rows on ldmkit's AMX GEMM vs oneDNN's
 
     python benchmarks/ab_fastpath.py --path geglu --size 512 --repeats 6
 """
@@ -26,7 +27,7 @@ from collections.abc import Callable
 import torch
 from speed import SD15, SMALL, build_unet
 
-from ldmkit.accel import cpu_attention, group_norm
+from ldmkit.accel import cpu_attention, group_norm, prepack
 from ldmkit.accel.fastpaths import prepare_for_inference
 from ldmkit.accel.prepack import PackedConv2d, PackedGEGLU
 from ldmkit.nn.attention import GEGLU
@@ -52,6 +53,13 @@ def _pointwise(unet: torch.nn.Module, on: bool) -> None:
     PackedConv2d.gemm_pointwise = on
 
 
+_MAX_ROWS = prepack.AMX_MAX_ROWS
+
+
+def _skinny(unet: torch.nn.Module, on: bool) -> None:
+    prepack.AMX_MAX_ROWS = _MAX_ROWS if on else 0
+
+
 _SUPPORTS = cpu_attention.supports
 
 
@@ -67,6 +75,7 @@ TOGGLES: dict[str, Callable[[torch.nn.Module, bool], None]] = {
     "group-norm": _group_norm,
     "attention": _attention,
     "pointwise": _pointwise,
+    "skinny": _skinny,
 }
 
 

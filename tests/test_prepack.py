@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from helpers import perturb, randn
+from ldmkit.accel import amx_gemm
 from ldmkit.accel import prepack as pk
 from ldmkit.accel.fastpaths import prepare_for_inference
 from ldmkit.autoencoders.base import AutoencoderConfig
@@ -78,8 +79,37 @@ def test_small_low_precision_convs_run_as_one_gemm(hw: tuple, kernel) -> None:
     x = randn(2, 24, *hw).bfloat16().contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         out = packed(x)
-        assert packed._pack.key[3][0] == "gemm"
+        assert packed._pack.key[3][0] in ("gemm", "amx")  # "amx": <= AMX_MAX_ROWS rows
         assert_rounds_like(out, plain(x), exact(x.double()))
+
+
+@pytest.mark.skipif(not amx_gemm.available(), reason="needs AMX-BF16 and a C compiler")
+@pytest.mark.parametrize("rows", [1, 2, 17, 32])
+def test_skinny_low_precision_gemms_run_on_ldmkits_amx_kernel(rows: int, monkeypatch) -> None:
+    """Linear layers and im2col convolutions of at most ``AMX_MAX_ROWS`` rows take ldmkit's
+    AMX GEMM (one pack for every row count), rounded like the plain layer; more rows, or
+    ``AMX_MAX_ROWS = 0``, take oneDNN's packed linear."""
+    torch.manual_seed(0)
+    lin = nn.Linear(1100, 70).bfloat16()  # ragged K and N: padded tiles
+    conv = nn.Conv2d(40, 36, 3, padding=1).bfloat16()
+    packed_lin, packed_conv = pk.prepack(copy.deepcopy(lin)), pk.prepack(copy.deepcopy(conv))
+    exact_lin, exact_conv = copy.deepcopy(lin).double(), copy.deepcopy(conv).double()
+    x = randn(rows, 1100).bfloat16()
+    img = randn(rows, 40, 1, 1).bfloat16()  # one position per image: `rows` GEMM rows
+    with torch.no_grad():
+        for layer, plain, exact, inp in (
+            (packed_lin, lin, exact_lin, x),
+            (packed_conv, conv, exact_conv, img),
+        ):
+            out = layer(inp)
+            assert layer._pack.key[3] == ("amx",)
+            assert_rounds_like(out, plain(inp), exact(inp.double()))
+        big = randn(pk.AMX_MAX_ROWS + 1, 1100).bfloat16()
+        assert_rounds_like(packed_lin(big), lin(big), exact_lin(big.double()))
+        assert packed_lin._pack.key[3] == ("gemm", pk.AMX_MAX_ROWS + 1)
+        monkeypatch.setattr(pk, "AMX_MAX_ROWS", 0)
+        packed_lin(x)
+        assert packed_lin._pack.key[3] == ("gemm", rows)
 
 
 @pytest.mark.skipif(not pk.available(torch.bfloat16), reason="no bf16 oneDNN kernels")

@@ -123,8 +123,13 @@ static void finish(const gemm_args *g, const float *acc, int64_t r0, int64_t row
 // Accumulator tiles 0-3 = A (two 16-row tiles at a0 and a1, row stride sa) times the
 // 32-column block wj, over `taps` shifts of A (element offsets tap[t]) of cc chunks of 32
 // columns each (a GEMM: one tap, K / 32 chunks); left in the tiles (store_block writes them).
+// With `prefetch` the weights are requested PREFETCH bytes ahead of their tile loads, for the
+// blocks whose weights come from memory (tile loads alone keep too few misses in flight, it
+// seems). In the SD 1.5 UNet at 256 px its GEMMs of at most 32 rows, which stream their
+// weights, ran 1.27x faster than oneDNN's with it and 0.96x without (paired medians).
+#define PREFETCH 8192
 static inline void block32(const uint16_t *a0, const uint16_t *a1, int64_t sa, const int64_t *tap,
-                           int64_t taps, int64_t cc, const uint16_t *wj) {
+                           int64_t taps, int64_t cc, const uint16_t *wj, int prefetch) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -132,6 +137,9 @@ static inline void block32(const uint16_t *a0, const uint16_t *a1, int64_t sa, c
   for (int64_t t = 0; t < taps; t++) {
     const uint16_t *p0 = a0 + tap[t], *p1 = a1 + tap[t], *w = wj + t * cc * 1024;
     for (int64_t c = 0; c < cc; c++) {
+      if (prefetch)  // the 2 KB of two W tiles, PREFETCH bytes ahead
+        for (int64_t l = 0; l < 2048; l += 64)
+          _mm_prefetch((const char *)(w + c * 1024) + PREFETCH + l, _MM_HINT_T0);
       _tile_loadd(4, p0 + c * 32, sa * 2);
       _tile_loadd(5, p1 + c * 32, sa * 2);
       _tile_loadd(6, w + c * 1024, 64);
@@ -198,7 +206,7 @@ static void run_block(const gemm_args *g, int64_t m0, int64_t m1, int64_t j0, in
         a1 = a0 + 16 * sa;
       }
       for (int64_t j = jg; j < je; j++) {
-        block32(a0, a1, sa, tap, taps, cc, g->wp + j * kc * 1024);
+        block32(a0, a1, sa, tap, taps, cc, g->wp + j * kc * 1024, r == m0);  // m0: from memory
         if (prev_r >= 0) finish(g, acc + (cur ^ 1) * 1024, prev_r, prev_rows, prev_j);
         store_block(acc + cur * 1024);
         prev_r = r, prev_rows = rows, prev_j = j, cur ^= 1;
