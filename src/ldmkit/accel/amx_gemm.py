@@ -1,5 +1,5 @@
 """ldmkit's bf16 GEMM on AMX tiles (``csrc/gemm_amx.c``): the GEGLU feed-forward in one pass,
-and 3x3 convolutions as an implicit GEMM.
+skinny GEMMs that stream their weights, and 3x3 convolutions as an implicit GEMM.
 
 GEGLU: the transformer blocks of Stable Diffusion's UNet open their feed-forward with
 ``a * gelu(g)``, ``[a, g] = proj(x)`` (``nn.attention.GEGLU``). In PyTorch that is a linear
@@ -15,10 +15,15 @@ three-step path's).
 copy of the input, each 16-row A tile being 16 neighbouring output pixels of one image row at
 one of the nine taps (loaded in place, row stride = channels), K the taps times the channels.
 
-``prepack`` uses the GEGLU for bf16 CPU inference (``PackedGEGLU``), and the convolution when
+Skinny GEMMs: with few rows a GEMM mostly reads its weight from memory; the kernel requests
+the weight ahead of its tile loads where it comes from memory, which oneDNN's packed linear
+does not match at these sizes.
+
+``prepack`` uses the GEGLU for bf16 CPU inference (``PackedGEGLU``), ``linear`` for bf16 GEMMs
+of at most ``prepack.AMX_MAX_ROWS`` rows (linear layers and small convolutions as im2col
+GEMMs; with more rows oneDNN's bf16 GEMM is as fast or faster), and the convolution when
 ``PackedConv2d.amx`` is set (opt-in: not measured faster than oneDNN's here); the weights are
-packed on first use and cached with the layer. ``linear`` (no epilogue) is there for the
-tests and benchmarks: oneDNN's own bf16 GEMM is as fast or faster for plain linear layers.
+packed on first use and cached with the layer.
 """
 
 from __future__ import annotations
