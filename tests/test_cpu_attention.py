@@ -171,6 +171,10 @@ def test_supports_rejects_what_the_kernel_cannot_run():
     assert not cpu_attention.supports(*(t.float() for t in _qkv(1, 1, 256, 256, 80)))
     assert not cpu_attention.supports(q, k[:, :1], v[:, :1])  # broadcast heads
     assert not cpu_attention.supports(q, k, v, torch.ones(256, 256, dtype=torch.bool))
+    assert not cpu_attention.supports(*_qkv(1, 2, 16, 256, 40))  # under a bf16 query block
+    assert not cpu_attention.supports(*(t.float() for t in _qkv(1, 2, 256, 32, 40)))  # few keys
+    text = _qkv(1, 2, 64, 77, 40)  # cross-attention against 77 text tokens
+    assert cpu_attention.supports(*text) == cpu_attention.available(torch.bfloat16)
 
 
 def test_native_build_is_cached_and_a_failing_build_warns_once(tmp_path, monkeypatch):

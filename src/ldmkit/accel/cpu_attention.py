@@ -49,11 +49,16 @@ _KERNELS = {
     ),
 }
 
-# Where the kernels beat PyTorch's (2 threads, 16 heads; below the query x key count fixed
-# costs dominate). bf16: from 128 x 128, head dims up to 160 (at 256 and 512 the fp32
-# accumulator no longer fits the L1 cache: as fast as PyTorch or slower). fp32: from 256 x 256,
-# head dims up to 64 (1.06-1.19x at 1024 x 1024 for 40-64; 0.95x at 80).
-MIN_SCORES = {torch.bfloat16: 128 * 128, torch.float32: 256 * 256}
+# Where the kernels beat PyTorch's SDPA (2 threads, batch 2; a grid over 16, 64 and 256
+# queries against 16, 64, 77 and 256 keys, head dims 32-160, 4-10 heads). bf16: from 32
+# queries (one full block) and 1024 query x key pairs, 1.06-3.3x; with 16 queries 0.64-1.86x.
+# Head dims up to 160 (at 256 and 512 the fp32 accumulator no longer fits the L1 cache: as
+# fast as PyTorch or slower). fp32: from 64 queries and 64 keys and 16384 pairs, 0.96-2.0x
+# (smaller: 0.33-1.39x); head dims up to 64 (1.06-1.19x at 1024 x 1024 for 40-64; 0.95x at
+# 80). PyTorch's kernel is slowest against 77 keys (text tokens): 2-3.3x there.
+MIN_QUERIES = {torch.bfloat16: 32, torch.float32: 64}
+MIN_KEYS = {torch.bfloat16: 1, torch.float32: 64}
+MIN_SCORES = {torch.bfloat16: 1024, torch.float32: 128 * 128}
 MAX_HEAD_DIM = {torch.bfloat16: 160, torch.float32: 64}
 
 
@@ -94,13 +99,16 @@ def supports(
     """Whether ``attention(q, k, v)`` can replace SDPA here: bf16 or fp32 [B, H, L, D] CPU
     tensors of the same dtype, B and H, no mask, no autograd, a head dim D up to
     ``MAX_HEAD_DIM[dtype]`` (even for bf16) with contiguous last dimension (and even row
-    strides for bf16), at least ``MIN_SCORES[dtype]`` query x key pairs, outside
-    ``torch.compile``."""
+    strides for bf16), at least ``MIN_QUERIES[dtype]`` queries, ``MIN_KEYS[dtype]`` keys and
+    ``MIN_SCORES[dtype]`` query x key pairs, outside ``torch.compile``."""
     if attn_mask is not None or q.device.type != "cpu" or native.tracing():
         return False
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not (q.dtype == k.dtype == v.dtype):
         return False
-    if q.dtype not in _KERNELS or q.shape[-2] * k.shape[-2] < MIN_SCORES[q.dtype]:
+    if q.dtype not in _KERNELS:
+        return False
+    n, s = q.shape[-2], k.shape[-2]
+    if n < MIN_QUERIES[q.dtype] or s < MIN_KEYS[q.dtype] or n * s < MIN_SCORES[q.dtype]:
         return False
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or k.shape[3] != q.shape[3]:
         return False
