@@ -16,11 +16,18 @@ Fast paths (``--path``):
   skinny      GEMMs of at most ``prepack.AMX_MAX_ROWS`` rows on ldmkit's AMX GEMM vs oneDNN's
 
     python benchmarks/ab_fastpath.py --path geglu --size 512 --repeats 6
+
+With ``--layer-rows N`` it also times, by forward hooks, the convolutions and linear layers
+whose GEMM has at most N rows (batch x output positions, or tokens), summed per step: a fast
+path that touches only those layers shows there above the whole step's noise.
+
+    python benchmarks/ab_fastpath.py --path skinny --size 256 --repeats 8 --layer-rows 32
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -79,6 +86,36 @@ TOGGLES: dict[str, Callable[[torch.nn.Module, bool], None]] = {
 }
 
 
+def _time_small_layers(unet: torch.nn.Module, max_rows: int) -> list[float]:
+    """Hooks that add the seconds of each conv / linear layer with at most ``max_rows`` GEMM
+    rows to the returned one-element list."""
+    total, starts = [0.0], {}
+
+    def pre(m: torch.nn.Module, inputs: tuple) -> None:
+        starts[m] = time.perf_counter()
+
+    def post(m: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        features = out.shape[-1] if isinstance(m, torch.nn.Linear) else out.shape[1]
+        if out.numel() // features <= max_rows:  # tokens, or images x output positions
+            total[0] += time.perf_counter() - starts[m]
+
+    for m in unet.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_pre_hook(pre)
+            m.register_forward_hook(post)
+    return total
+
+
+def _report(what: str, times: dict[bool, list[float]], unit: str = "s") -> str:
+    on, off = times[True], times[False]
+    paired = statistics.median(b / a for a, b in zip(on, off, strict=True))
+    scale = 1e3 if unit == "ms" else 1.0
+    return (
+        f"{what}: on {min(on) * scale:.3f} {unit}, off {min(off) * scale:.3f} {unit} (fastest); "
+        f"{paired:.3f}x (paired median of {len(on)})"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--path", choices=sorted(TOGGLES), required=True)
@@ -86,6 +123,9 @@ def main() -> None:
     p.add_argument("--layout", choices=["sd15", "small"], default="sd15")
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--layer-rows", type=int, default=0, help="also time layers of at most this many rows"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = SD15 if args.layout == "sd15" else SMALL
@@ -100,7 +140,9 @@ def main() -> None:
     unet = prepare_for_inference(unet, torch.bfloat16)
     x, ctx = x.bfloat16(), ctx.bfloat16()
     toggle = TOGGLES[args.path]
-    best = {True: float("inf"), False: float("inf")}
+    steps: dict[bool, list[float]] = {True: [], False: []}
+    layers: dict[bool, list[float]] = {True: [], False: []}
+    small = _time_small_layers(unet, args.layer_rows) if args.layer_rows else [0.0]
     with torch.inference_mode():
         for on in (True, False):
             toggle(unet, on)
@@ -110,13 +152,15 @@ def main() -> None:
             for on in (True, False):
                 toggle(unet, on)
                 unet(x, t, ctx)  # warm-up in this state (packs weights on a switch)
+                small[0] = 0.0
                 t0 = time.perf_counter()
                 unet(x, t, ctx)
-                best[on] = min(best[on], time.perf_counter() - t0)
-    print(
-        f"{args.layout} UNet step, batch 2, {args.size} px, bf16, {args.threads} threads: "
-        f"on {best[True]:.3f} s, off {best[False]:.3f} s, {best[False] / best[True]:.3f}x"
-    )
+                steps[on].append(time.perf_counter() - t0)
+                layers[on].append(small[0])
+    where = f"{args.layout} UNet step, batch 2, {args.size} px, bf16, {args.threads} threads"
+    print(_report(where, steps))
+    if args.layer_rows:
+        print(_report(f"layers of <= {args.layer_rows} rows, summed per step", layers, "ms"))
 
 
 if __name__ == "__main__":
