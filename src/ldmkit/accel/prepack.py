@@ -89,8 +89,9 @@ class _PackCache:
 # bf16 GEMMs of at most this many rows (SD 1.5's 4x4 level at 256 px, the time embedding) do
 # little but stream their weights from memory; ldmkit's AMX GEMM requests them ahead of use
 # (``csrc/gemm_amx.c``). In the SD 1.5 UNet at 256 px (bf16, batch 2, 2 threads) these layers
-# took 1.27x less time than with oneDNN's packed linear (paired median of 8 interleaved steps;
-# 0.96x without the prefetch). Up to 128 rows gained nothing more. 0 turns this off.
+# ran 1.38-1.40x faster than on oneDNN's packed linear (``benchmarks/ab_fastpath.py --path
+# skinny --size 256 --repeats 8 --layer-rows 32``, paired medians; 0.96x with the prefetch
+# taken out). Up to 128 rows gained nothing more. 0 turns this off.
 AMX_MAX_ROWS = 32
 
 
@@ -200,11 +201,11 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _usable(x, self.weight) or x.dim() < 2:
             return super().forward(x)
-        rows = x.numel() // x.shape[-1]
         weight, bias = self.weight, self.bias
         if x.dtype == torch.float32:
             if not torch._C.has_mkl:
                 return super().forward(x)
+            rows = x.numel() // x.shape[-1]
             packed = self._pack.get(
                 weight, (rows,), lambda: torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
             )
