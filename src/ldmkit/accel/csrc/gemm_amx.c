@@ -11,7 +11,8 @@
 // block of products is 16 finished output columns and the [M, N] product never exists.
 // A 32 x 32 block is four accumulator tiles over the whole K (two tiles of A loaded in place,
 // two of W from the pack), stored to a 4 KB fp32 buffer and finished on AVX-512; the epilogue
-// of one block is issued after the products of the next, so the two run side by side.
+// of one block is finished a few rows at a time between the tile products of the next, so the
+// two run side by side.
 // 3x3 convolutions (ldm_conv3x3) are the same loop as an implicit GEMM: A is a zero-padded NHWC
 // input, a tile 16 neighbouring output pixels of one image row at one tap, K taps x channels.
 // Built and loaded at run time by ldmkit.accel.native; called from ldmkit.accel.amx_gemm.
@@ -92,14 +93,15 @@ typedef struct {
   int64_t H, W, C;
 } gemm_args;
 
-// acc [32][32] fp32 products -> rows r0 .. r0 + rows of C for column block j.
-static void finish(const gemm_args *g, const float *acc, int64_t r0, int64_t rows, int64_t j) {
+// acc [32][32] fp32 products -> rows r0 + a .. r0 + b of C for column block j.
+static void finish(const gemm_args *g, const float *acc, int64_t r0, int64_t a, int64_t b,
+                   int64_t j) {
   if (g->epilogue == LDM_GEMM_GEGLU) {
     const int64_t half = g->N / 2, o0 = j * 16;
     const __mmask16 m = first_n16(half - o0);
     const __m512 bv = g->bias ? _mm512_maskz_loadu_ps(m, g->bias + o0) : _mm512_setzero_ps();
     const __m512 bg = g->bias ? _mm512_maskz_loadu_ps(m, g->bias + half + o0) : _mm512_setzero_ps();
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = a; r < b; r++) {
       const __m512 v = _mm512_add_ps(_mm512_load_ps(acc + r * 32), bv);
       const __m512 gate = _mm512_add_ps(_mm512_load_ps(acc + r * 32 + 16), bg);
       const __m512 y = _mm512_mul_ps(v, gelu_ps(gate));
@@ -112,7 +114,7 @@ static void finish(const gemm_args *g, const float *acc, int64_t r0, int64_t row
   const __mmask32 m = ((__mmask32)m1 << 16) | m0;
   const __m512 b0 = g->bias ? _mm512_maskz_loadu_ps(m0, g->bias + n0) : _mm512_setzero_ps();
   const __m512 b1 = g->bias ? _mm512_maskz_loadu_ps(m1, g->bias + n0 + 16) : _mm512_setzero_ps();
-  for (int64_t r = 0; r < rows; r++) {
+  for (int64_t r = a; r < b; r++) {
     const __m512 y0 = _mm512_add_ps(_mm512_load_ps(acc + r * 32), b0);
     const __m512 y1 = _mm512_add_ps(_mm512_load_ps(acc + r * 32 + 16), b1);
     _mm512_mask_storeu_epi16(g->c + (r0 + r) * g->ldc + n0, m,
@@ -120,16 +122,29 @@ static void finish(const gemm_args *g, const float *acc, int64_t r0, int64_t row
   }
 }
 
+// The previous 32 x 32 block, stored from the tiles and not yet finished (rows == 0: none).
+typedef struct {
+  const float *acc;
+  int64_t r0, rows, j;
+} pending_block;
+
 // Accumulator tiles 0-3 = A (two 16-row tiles at a0 and a1, row stride sa) times the
 // 32-column block wj, over `taps` shifts of A (element offsets tap[t]) of cc chunks of 32
 // columns each (a GEMM: one tap, K / 32 chunks); left in the tiles (store_block writes them).
+// The pending block's epilogue is finished a few rows after each chunk's tile products, so
+// that it runs on AVX-512 while the AMX unit works: issued as one piece after all the
+// products, it waited for them (the out-of-order window holds only part of a block), and the
+// GEGLU's gelu, the heaviest epilogue, then cost as much as the products at K = 320.
 // With `prefetch` the weights are requested PREFETCH bytes ahead of their tile loads, for the
 // blocks whose weights come from memory (tile loads alone keep too few misses in flight, it
 // seems). In the SD 1.5 UNet at 256 px its GEMMs of at most 32 rows, which stream their
 // weights, ran 1.27x faster than oneDNN's with it and 0.96x without (paired medians).
 #define PREFETCH 8192
-static inline void block32(const uint16_t *a0, const uint16_t *a1, int64_t sa, const int64_t *tap,
-                           int64_t taps, int64_t cc, const uint16_t *wj, int prefetch) {
+static inline void block32(const gemm_args *g, const uint16_t *a0, const uint16_t *a1,
+                           int64_t sa, const int64_t *tap, int64_t taps, int64_t cc,
+                           const uint16_t *wj, int prefetch, const pending_block *p) {
+  const int64_t chunks = taps * cc;
+  int64_t done = 0, chunk = 0;  // rows of the pending block finished, chunks issued
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -148,6 +163,9 @@ static inline void block32(const uint16_t *a0, const uint16_t *a1, int64_t sa, c
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
+      const int64_t upto = p->rows * ++chunk / chunks;  // this chunk's share of the rows
+      if (upto > done) finish(g, p->acc, p->r0, done, upto, p->j);
+      done = upto > done ? upto : done;
     }
   }
 }
@@ -187,7 +205,8 @@ static void run_block(const gemm_args *g, int64_t m0, int64_t m1, int64_t j0, in
   const int64_t Wp = g->W + 2, taps = g->H ? 9 : 1, cc = kc / taps;
   int64_t tap[9] = {0};
   for (int64_t t = 0; g->H && t < 9; t++) tap[t] = ((t / 3) * Wp + t % 3) * g->C;
-  int64_t prev_r = -1, prev_rows = 0, prev_j = 0, cur = 0;
+  pending_block prev = {acc, 0, 0, 0};  // rows == 0: nothing pending yet
+  int64_t cur = 0;
   for (int64_t jg = j0; jg < j1; jg += group) {
     const int64_t je = min64(j1, jg + group);
     for (int64_t r = m0; r < m1; r += 32) {
@@ -206,14 +225,15 @@ static void run_block(const gemm_args *g, int64_t m0, int64_t m1, int64_t j0, in
         a1 = a0 + 16 * sa;
       }
       for (int64_t j = jg; j < je; j++) {
-        block32(a0, a1, sa, tap, taps, cc, g->wp + j * kc * 1024, r == m0);  // m0: from memory
-        if (prev_r >= 0) finish(g, acc + (cur ^ 1) * 1024, prev_r, prev_rows, prev_j);
+        // (m0: the weights come from memory); finishes the previous block on the way
+        block32(g, a0, a1, sa, tap, taps, cc, g->wp + j * kc * 1024, r == m0, &prev);
         store_block(acc + cur * 1024);
-        prev_r = r, prev_rows = rows, prev_j = j, cur ^= 1;
+        prev = (pending_block){acc + cur * 1024, r, rows, j};
+        cur ^= 1;
       }
     }
   }
-  if (prev_r >= 0) finish(g, acc + (cur ^ 1) * 1024, prev_r, prev_rows, prev_j);
+  finish(g, prev.acc, prev.r0, 0, prev.rows, prev.j);
 }
 
 // Runs g on `threads` OpenMP threads (PyTorch's own pool: same libgomp). Threads split the
